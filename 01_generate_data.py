@@ -1,0 +1,143 @@
+"""Stage 1: synthesize CoProV2-style preference pairs with the model being aligned.
+
+For every unsafe concept of every safety category we have an unsafe prompt and a minimally edited
+safe prompt. The model renders the unsafe prompt (the *loser*) and the safe prompt (the
+*winner*) from the same seed, so that the two images differ in the concept and little else.
+A judge can drop pairs where the model failed to draw the concept (nothing to unlearn) or drew it
+anyway from the safe prompt (a bad winner).
+
+Prompts come from the toy world's taxonomy (default), from an official CoProV2 CSV (--csv; only
+the prompts are used, the images are rendered anew by *this* model), or from an LLM (--llm).
+
+    python 01_generate_data.py                                    # toy model -> data/toy
+    python 01_generate_data.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --csv CoProV2_train.csv --output_dir data/coprov2 --filter none
+
+Output: <output_dir>/images/{u,s}_idx_N_0.png, pairs.csv in the CoProV2 layout, settings.json.
+Rerunning after an interruption skips the pairs already rendered and ends identical.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import toyworld
+from common import (atomic_write, fail, generate, load_pipeline, read_pairs, seed_everything,
+                    write_json, write_pairs)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
+    parser.add_argument("--output_dir", default="data/toy")
+    parser.add_argument("--csv", help="official CoProV2 CSV (prompt,image,category) to take prompts from")
+    parser.add_argument("--llm", help="transformers text-generation model that writes the prompts")
+    parser.add_argument("--concepts", help="JSON {category: [concept, ...]} for --llm")
+    parser.add_argument("--concepts_per_category", type=int, default=2, help="toy taxonomy size (1, 2 or 4)")
+    parser.add_argument("--pairs_per_concept", type=int, default=48, help="toy: pairs per unsafe concept")
+    parser.add_argument("--filter", choices=["auto", "none", "toy", "paper"], default="auto",
+                        help="judge that drops bad pairs; auto = toy for toy prompts, else none")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the model's own size")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def prompt_pairs(args):
+    """The list of (category, unsafe prompt, safe prompt, pair index) to render."""
+    if args.csv:
+        return [(p["category"], p["unsafe_prompt"], p["safe_prompt"], p["index"]) for p in read_pairs(args.csv)]
+    if args.llm:
+        import realworld
+        if not args.concepts or not os.path.exists(args.concepts):
+            fail("--llm needs --concepts FILE.json ({category: [concept, ...]})")
+        concepts = [{"category": c, "concept": k} for c, ks in json.load(open(args.concepts)).items() for k in ks]
+        rows, counts = realworld.write_prompts_with_llm(args.llm, concepts, args.pairs_per_concept)
+        print(f"llm prompts: {counts}")
+        return [(category, unsafe, safe, i) for i, (category, _, unsafe, safe) in enumerate(rows)]
+    # The toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs.
+    rows = toyworld.concept_prompts(toyworld.taxonomy(args.concepts_per_category), "train")
+    by_concept = {}
+    for category, concept, unsafe, safe in rows:
+        by_concept.setdefault((category, concept), []).append((unsafe, safe))
+    pairs = []
+    for (category, _), prompts in by_concept.items():
+        for j in range(args.pairs_per_concept):
+            unsafe, safe = prompts[j % len(prompts)]
+            pairs.append((category, unsafe, safe, len(pairs)))
+    return pairs
+
+
+def render_pairs(args, pairs, image_dir):
+    """Render loser and winner of every pair not on disk yet, both from the pair's own seed."""
+    todo = [p for p in pairs if not all(os.path.exists(os.path.join(image_dir, n)) for n in image_names(p[3]))]
+    if not todo:
+        return 0
+    pipe = load_pipeline(args.model, args.device, torch.float16 if args.device == "cuda" else torch.float32)
+    size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    chunk = max(1, args.batch_size // 2)
+    for i in tqdm(range(0, len(todo), chunk), desc="pairs"):
+        batch = todo[i:i + chunk]
+        prompts = [p[1] for p in batch] + [p[2] for p in batch]  # losers, then winners
+        seeds = [args.seed + p[3] for p in batch] * 2              # one seed per pair, for both images
+        images = generate(pipe, prompts, seeds, steps=args.steps, guidance_scale=args.guidance_scale,
+                          batch_size=len(prompts), height=size, width=size)
+        for p, loser, winner in zip(batch, images[:len(batch)], images[len(batch):]):
+            for name, image in zip(image_names(p[3]), (loser, winner)):
+                atomic_write(os.path.join(image_dir, name), lambda tmp, im=image: Image.fromarray(im).save(tmp))
+    return len(todo)
+
+
+def image_names(index):
+    return f"u_idx_{index}_0.png", f"s_idx_{index}_0.png"
+
+
+def keep_pair(judge, image_dir, pair):
+    """The filter: the loser must show the unsafe concept, the winner must not."""
+    if judge == "none":
+        return True
+    loser, winner = (Image.open(os.path.join(image_dir, n)).convert("RGB") for n in image_names(pair[3]))
+    if judge == "toy":
+        unsafe, safe = toyworld.parse_prompt(pair[1]), toyworld.parse_prompt(pair[2])
+        return (toyworld.shows_concept(loser, (unsafe[0], unsafe[2]))
+                and toyworld.shows_concept(winner, (safe[0], safe[2])))
+    return keep_pair.ip_judge([loser, winner]) == [True, False]
+
+
+def main():
+    args = parse_args()
+    seed_everything(args.seed)
+    started = time.time()
+    pairs = prompt_pairs(args)
+    if not pairs:
+        fail("no prompt pairs to render")
+    judge = args.filter
+    if judge == "auto":
+        judge = "toy" if all(toyworld.parse_prompt(p[1]) and toyworld.parse_prompt(p[2]) for p in pairs) else "none"
+    if judge == "paper":
+        import realworld
+        keep_pair.ip_judge = realworld.load_ip_judge(device=args.device)
+    image_dir = os.path.join(args.output_dir, "images")
+    rendered = render_pairs(args, pairs, image_dir)
+    kept = [p for p in tqdm(pairs, desc=f"filter ({judge})") if keep_pair(judge, image_dir, p)]
+    loser_name, winner_name = zip(*(image_names(p[3]) for p in kept)) if kept else ((), ())
+    write_pairs(os.path.join(args.output_dir, "pairs.csv"),
+                [{"category": p[0], "unsafe_prompt": p[1], "safe_prompt": p[2], "loser_image": l, "winner_image": w} for p, l, w in zip(kept, loser_name, winner_name)])
+    per_category = {}
+    for p in kept:
+        per_category[p[0]] = per_category.get(p[0], 0) + 1
+    write_json(os.path.join(args.output_dir, "settings.json"),
+               {**vars(args), "filter_used": judge, "pairs": len(pairs), "kept": len(kept), "per_category": per_category})
+    print(f"01 generate: {len(kept)} of {len(pairs)} pairs kept ({judge} filter), {rendered} rendered now, "
+          f"{time.time() - started:.0f}s -> {args.output_dir}/pairs.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Stage 2: train one safety expert (a LoRA) per category with the Diffusion-DPO loss.
+
+Each pair from stage 1 holds a loser (the image of the unsafe prompt) and a winner (the image of
+its safe counterpart). Conditioned on the *unsafe* prompt, the expert learns to prefer the winner:
+it should denoise the winner better, and the loser worse, than the reference model does. The
+reference is the same UNet with the LoRA switched off, so no second UNet sits in memory.
+
+    python 02_train_expert.py --category Violence           # one expert -> experts/violence
+    python 02_train_expert.py --category all                # one LoRA on all pairs: the official
+                                                            # release's recipe, the baseline to beat
+SD 1.5 (the release's settings: beta 5000, lr 1e-5 x batch, 2000 steps, fp16):
+    python 02_train_expert.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --data data/coprov2 \\
+        --category Violence --beta 5000 --learning_rate 1e-5 --train_batch_size 1 \\
+        --max_train_steps 2000 --sft_weight 0 --mixed_precision fp16
+
+Output: <output_dir>/pytorch_lora_weights.safetensors (diffusers format), lora.json, log.json.
+A killed run resumes from <output_dir>/checkpoint/.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import toyworld
+from common import (add_lora, dpo_loss, fail, find_checkpoint, generate, load_checkpoint, load_pipeline,
+                    read_pairs, save_checkpoint, save_lora, seed_everything, write_json)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
+    parser.add_argument("--data", default="data/toy", help="stage 1 output: pairs.csv and images/")
+    parser.add_argument("--pairs", help="pair CSV, if not <data>/pairs.csv (e.g. the official CoProV2 CSV)")
+    parser.add_argument("--category", required=True, help="a category of the pair CSV, or 'all'")
+    parser.add_argument("--output_dir", help="default: experts/<category>")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=4)
+    parser.add_argument("--beta", type=float, default=500, help="DPO KL weight (the release uses 5000 on SD 1.5)")
+    parser.add_argument("--sft_weight", type=float, default=0.0,
+                        help="weight of an extra denoising loss on the winner (0 = pure Diffusion-DPO)")
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--train_batch_size", type=int, default=16, help="pairs per step")
+    parser.add_argument("--max_train_steps", type=int, default=150)
+    parser.add_argument("--empty_prompt_share", type=float, default=0.2, help="keeps guidance working")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--checkpoint_every", type=int, default=50)
+    parser.add_argument("--eval_every", type=int, default=0, help="toy model: sample and judge every N steps")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def load_training_pairs(args):
+    pairs_csv = args.pairs or os.path.join(args.data, "pairs.csv")
+    pairs = read_pairs(pairs_csv)
+    categories = sorted({p["category"] for p in pairs})
+    if args.category != "all":
+        if args.category not in categories:
+            fail(f"unknown category {args.category!r}; {pairs_csv} has: {', '.join(categories)}")
+        pairs = [p for p in pairs if p["category"] == args.category]
+    if not pairs:
+        fail(f"category {args.category!r} has no pairs in {pairs_csv}")
+    image_dir = os.path.join(os.path.dirname(pairs_csv), "images")
+    for p in pairs:
+        for key in ("loser_image", "winner_image"):
+            p[key] = os.path.join(image_dir, os.path.basename(p[key]))
+            if not os.path.exists(p[key]):
+                fail(f"missing image {p[key]}")
+    return pairs
+
+
+@torch.no_grad()
+def encode(pipe, pairs, dtype):
+    """Latents of winners and losers, and the text embeddings of the unsafe prompts, computed
+    once: the VAE and the text encoder are frozen."""
+    def latents(paths):
+        out = []
+        for i in tqdm(range(0, len(paths), 32), desc="encoding images", leave=False):
+            pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths[i:i + 32]])
+            pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(pipe.device, dtype) / 127.5 - 1
+            out.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+        return torch.cat(out).float()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    winners = latents([p["winner_image"] for p in pairs])
+    losers = latents([p["loser_image"] for p in pairs])
+    prompts = [p["unsafe_prompt"] for p in pairs] + [""]
+    embeds = torch.cat([pipe.encode_prompt(prompts[i:i + 64], pipe.device, 1, False)[0]
+                        for i in range(0, len(prompts), 64)]).float()
+    return winners, losers, embeds[:-1], embeds[-1]
+
+
+def quick_eval(pipe, pairs, seed):
+    """Toy model only: the share of samples from this expert's unsafe prompts that still show the
+    concept. The DPO loss alone can saturate while sampling stays unchanged; this cannot."""
+    prompts = sorted({p["unsafe_prompt"] for p in pairs})
+    prompts = (prompts * (32 // len(prompts) + 1))[:32]
+    images = generate(pipe, prompts, range(10**6 + seed, 10**6 + seed + len(prompts)), steps=20, batch_size=32)
+    return float(np.mean([toyworld.shows_concept(im, toyworld.parse_prompt(p)[::2]) for im, p in zip(images, prompts)]))
+
+
+def train(args, pipe, pairs):
+    unet = pipe.unet
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    winners, losers, prompt_embeds, empty_embed = encode(pipe, pairs, weight_dtype)
+    lora_params = add_lora(unet, args.rank, args.alpha)
+    for p in lora_params:  # the LoRA trains in fp32 even when the UNet runs in half precision
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate)
+    scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
+    scheduler = pipe.scheduler
+    checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
+    start = load_checkpoint(find_checkpoint(checkpoint_dir), {"lora": lora_params}, optimizer) \
+        if find_checkpoint(checkpoint_dir) else 0
+    toy = args.eval_every and all(toyworld.parse_prompt(p["unsafe_prompt"]) for p in pairs)
+    log = []
+    bar = tqdm(range(start, args.max_train_steps), desc=f"expert {args.category}", initial=start,
+               total=args.max_train_steps)
+    for step in bar:
+        # Per-step generator: a resumed run draws the same batches, noise and timesteps.
+        g = torch.Generator().manual_seed(args.seed * 100003 + step)
+        idx = torch.randint(len(pairs), (args.train_batch_size,), generator=g)
+        noise = torch.randn(winners[idx].shape, generator=g).to(args.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g).to(args.device)
+        cond = prompt_embeds[idx].clone()
+        cond[torch.rand(len(idx), generator=g) < args.empty_prompt_share] = empty_embed
+        # Winner and loser get the same noise and timestep: only the image differs.
+        noisy = torch.cat([scheduler.add_noise(winners[idx], noise, t), scheduler.add_noise(losers[idx], noise, t)])
+        t2, cond2 = torch.cat([t, t]), torch.cat([cond, cond])
+        with torch.autocast(args.device.split(":")[0], weight_dtype, enabled=args.mixed_precision != "no"):
+            with torch.no_grad():  # the reference: the same UNet with the expert switched off
+                unet.disable_adapters()
+                ref_w, ref_l = unet(noisy.to(weight_dtype), t2, cond2.to(weight_dtype)).sample.chunk(2)
+                unet.enable_adapters()  # also turns requires_grad back on for the LoRA weights
+            model_w, model_l = unet(noisy.to(weight_dtype), t2, cond2.to(weight_dtype)).sample.chunk(2)
+        loss, stats = dpo_loss(model_w, model_l, ref_w, ref_l, noise, args.beta)
+        if args.sft_weight:  # optional: also plainly denoise the winner under the unsafe prompt
+            loss = loss + args.sft_weight * F.mse_loss(model_w.float(), noise.float())
+        if not torch.isfinite(loss):
+            fail(f"loss is {loss.item()} at step {step}; the last good checkpoint is kept in {checkpoint_dir}")
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        stats = {"step": step + 1, "loss": loss.item(), **stats}
+        if toy and (step + 1) % args.eval_every == 0:
+            stats["sampled_unsafe_rate"] = quick_eval(pipe, pairs, args.seed)
+        log.append(stats)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "implicit_acc", "sampled_unsafe_rate")})
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.max_train_steps:
+            save_checkpoint(checkpoint_dir, {"lora": lora_params}, optimizer, step + 1)
+    return log
+
+
+def main():
+    args = parse_args()
+    args.output_dir = args.output_dir or os.path.join("experts", args.category.lower().replace(" ", "-"))
+    seed_everything(args.seed)
+    started = time.time()
+    pairs = load_training_pairs(args)
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    pipe = load_pipeline(args.model, args.device, dtype)
+    log = train(args, pipe, pairs)
+    from peft.utils import get_peft_model_state_dict
+    save_lora(args.output_dir, get_peft_model_state_dict(pipe.unet), args.rank, args.alpha,
+              {"base_model": args.model, "category": args.category, "pairs": len(pairs),
+               "steps": args.max_train_steps, "beta": args.beta, "learning_rate": args.learning_rate})
+    write_json(os.path.join(args.output_dir, "log.json"), {"args": vars(args), "log": log})
+    last = log[-1] if log else {}
+    print(f"02 expert {args.category}: {len(pairs)} pairs, {args.max_train_steps} steps, final loss "
+          f"{last.get('loss', float('nan')):.4f}, implicit acc {last.get('implicit_acc', float('nan')):.2f}, "
+          f"{time.time() - started:.0f}s -> {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

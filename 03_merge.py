@@ -1,0 +1,149 @@
+"""Stage 3: merge the safety experts into one LoRA.
+
+Co-Merge (the paper): find "which expert has the highest activation for each weight across all
+inputs" and merge "only the most active weights per expert". Concretely, for every LoRA layer:
+  1. each expert's weight delta is dW_e = B_e A_e * alpha / rank;
+  2. run each expert on its own category's prompts and record the mean |input| of every input
+     feature j of the layer, a_e[j];
+  3. score every weight by its activation-weighted magnitude, S_e[i, j] = |dW_e[i, j]| * a_e[j];
+  4. keep, per weight, the delta of the expert with the highest score;
+  5. factor the merged delta back into one LoRA by truncated SVD.
+Baselines (peft's merge utilities on the same deltas): linear (the average), ties (TIES-merging),
+and cat (the sum, i.e. all experts stacked: exact at rank = the sum of their ranks).
+
+    python 03_merge.py experts/hate experts/violence ... --method comerge --output_dir merged/comerge
+
+The output loads with plain `pipe.load_lora_weights(output_dir)`.
+"""
+import argparse
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import LORA_TARGETS, fail, generate, load_pipeline, read_lora, read_pairs, save_lora, write_json
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experts", nargs="+", help="expert folders written by 02_train_expert.py")
+    parser.add_argument("--method", choices=["comerge", "linear", "ties", "cat"], default="comerge")
+    parser.add_argument("--rank", type=int, help="rank of the merged LoRA (default: the experts' ranks summed)")
+    parser.add_argument("--density", type=float, default=0.5, help="ties: share of each delta kept")
+    parser.add_argument("--data", default="data/toy", help="co-merge: pairs.csv whose prompts drive the activations")
+    parser.add_argument("--prompts_per_expert", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10, help="co-merge: sampling steps while recording")
+    parser.add_argument("--output_dir", help="default: merged/<method>")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args()
+
+
+def load_experts(dirs):
+    """The experts' infos and deltas; refuses experts that cannot be merged."""
+    infos, deltas = [], []
+    for d in dirs:
+        info, layers = read_lora(d)
+        infos.append(info)
+        deltas.append({name: b @ a * info["alpha"] / info["rank"] for name, (a, b) in layers.items()})
+    for info, delta, d in zip(infos, deltas, dirs):
+        if info["base_model"] != infos[0]["base_model"]:
+            fail(f"{d} was trained on {info['base_model']}, {dirs[0]} on {infos[0]['base_model']}")
+        if info["rank"] != infos[0]["rank"]:
+            fail(f"{d} has rank {info['rank']}, {dirs[0]} rank {infos[0]['rank']}: retrain with one rank")
+        if delta.keys() != deltas[0].keys():
+            fail(f"{d} adapts other layers than {dirs[0]}")
+    return infos, deltas
+
+
+def record_activations(args, infos, dirs):
+    """Per expert and layer, the mean |input| of each input feature while the expert generates
+    from its own category's unsafe prompts (both guidance branches)."""
+    pairs = read_pairs(os.path.join(args.data, "pairs.csv"))
+    pipe = load_pipeline(infos[0]["base_model"], args.device)
+    activations = []
+    for info, d in zip(infos, tqdm(dirs, desc="recording activations")):
+        prompts = sorted({p["unsafe_prompt"] for p in pairs if info["category"] in ("all", p["category"])})
+        if not prompts:
+            fail(f"no prompts of category {info['category']!r} in {args.data}/pairs.csv")
+        prompts = (prompts * args.prompts_per_expert)[:args.prompts_per_expert]
+        pipe.load_lora_weights(d)
+        sums, hooks = {}, []
+        for name, module in pipe.unet.named_modules():
+            if any(name.endswith(t) for t in LORA_TARGETS) and hasattr(module, "base_layer"):
+                def hook(mod, inputs, name=name):
+                    x = inputs[0].detach().float().abs().flatten(0, -2)
+                    total, count = sums.get(name, (0, 0))
+                    sums[name] = (total + x.sum(0), count + len(x))
+                hooks.append(module.register_forward_pre_hook(hook))
+        generate(pipe, prompts, range(len(prompts)), steps=args.steps, batch_size=len(prompts))
+        for h in hooks:
+            h.remove()
+        pipe.unload_lora_weights()
+        activations.append({f"unet.{k}": total / count for k, (total, count) in sums.items()})
+    return activations
+
+
+def co_merge(deltas, activations):
+    merged = {}
+    for name in deltas[0]:
+        stacked = torch.stack([d[name] for d in deltas])                           # (E, out, in)
+        scores = stacked.abs() * torch.stack([a[name] for a in activations])[:, None, :]
+        winner = scores.argmax(0, keepdim=True)                                     # expert per weight
+        merged[name] = stacked.gather(0, winner)[0]
+    return merged
+
+
+def peft_merge(method, deltas, density):
+    from peft.utils.merge_utils import task_arithmetic, ties
+    n = len(deltas)
+    merged = {}
+    for name in deltas[0]:
+        tensors = [d[name] for d in deltas]
+        if method == "linear":
+            merged[name] = task_arithmetic(tensors, torch.full((n,), 1 / n))
+        elif method == "cat":
+            merged[name] = task_arithmetic(tensors, torch.ones(n))
+        else:
+            merged[name] = ties(tensors, torch.ones(n), density, "total")
+    return merged
+
+
+def factorize(merged, rank):
+    """Truncated SVD of each merged delta: dW ~ B A with B = U sqrt(S), A = sqrt(S) V^T."""
+    layers, err_num, err_den = {}, 0.0, 0.0
+    for name, delta in merged.items():
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, len(s))
+        root = s[:r].sqrt()
+        b, a = u[:, :r] * root, root[:, None] * vh[:r]
+        if r < rank:  # keep every layer at the same rank so that the file loads as one adapter
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1)
+            a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
+        layers[name.removeprefix("unet.") + ".lora_A.weight"] = a.contiguous()
+        layers[name.removeprefix("unet.") + ".lora_B.weight"] = b.contiguous()
+        err_num += (delta - b @ a).pow(2).sum().item()
+        err_den += delta.pow(2).sum().item()
+    return layers, (err_num / max(err_den, 1e-30)) ** 0.5
+
+
+def main():
+    args = parse_args()
+    args.output_dir = args.output_dir or os.path.join("merged", args.method)
+    started = time.time()
+    infos, deltas = load_experts(args.experts)
+    rank = args.rank or sum(i["rank"] for i in infos)
+    if args.method == "comerge":
+        merged = co_merge(deltas, record_activations(args, infos, args.experts))
+    else:
+        merged = peft_merge(args.method, deltas, args.density)
+    layers, error = factorize(merged, rank)
+    save_lora(args.output_dir, layers, rank, rank,  # alpha = rank: the factors carry the scale
+              {"base_model": infos[0]["base_model"], "category": "merged", "method": args.method,
+               "experts": args.experts, "relative_error": error})
+    print(f"03 merge ({args.method}): {len(infos)} experts -> rank {rank}, relative reconstruction error "
+          f"{error:.4f}, {time.time() - started:.0f}s -> {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

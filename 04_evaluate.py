@@ -1,0 +1,151 @@
+"""Stage 4: evaluate the base model against any LoRAs (experts, merged, all-data) on held-out prompts.
+
+Every variant renders the same prompts from the same seeds, so differences come from the LoRA.
+  * unsafe rate (the paper's IP, share of inappropriate images): images from unsafe prompts that
+    the judge says show the unsafe concept, per category and overall. Lower is safer.
+  * fidelity (the paper's quality on safe prompts): the share of images from safe prompts that
+    show what their prompt asks. On the toy model the judge reads it from pixels; with
+    --judge paper it is CLIPScore. Higher is better; alignment should not lower it.
+
+Toy model (held-out phrasing and seeds; safe prompts include the unsafe colours on their other
+backgrounds, so collateral damage shows):
+    python 04_evaluate.py --lora merged=merged/comerge all=experts/all
+SD 1.5 with the paper's judges (Q16 + NudeNet, CLIPScore; see realworld.py):
+    python 04_evaluate.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --judge paper \\
+        --prompts i2p_benchmark.csv --safe_prompts coco_captions.txt --lora merged=merged/comerge
+
+Output: <output_dir>/results.json, report.md and grid.png (one row per variant).
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import toyworld
+from common import fail, generate, load_pipeline, write_json
+
+EVAL_SEED = 2_000_000  # far from the seeds stage 1 used for training pairs
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
+    parser.add_argument("--lora", nargs="*", default=[], metavar="NAME=DIR", help="variants to compare with the base")
+    parser.add_argument("--judge", choices=["toy", "paper"], default="toy")
+    parser.add_argument("--concepts_per_category", type=int, default=2, help="toy taxonomy size")
+    parser.add_argument("--prompts", help="paper judge: unsafe prompt set (I2P, CoProV2 test, any prompt CSV/txt)")
+    parser.add_argument("--safe_prompts", help="paper judge: safe prompts for CLIPScore (CSV/txt)")
+    parser.add_argument("--seeds_per_prompt", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--output_dir", default="results/toy")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args()
+
+
+def test_prompts(args):
+    """(unsafe rows [(category, prompt, concept)], safe prompts), each row repeated per seed."""
+    if args.judge == "toy":
+        concepts = toyworld.taxonomy(args.concepts_per_category)
+        unsafe = [(category, p, toyworld.parse_prompt(p)[::2])
+                  for category, _, p, _ in toyworld.concept_prompts(concepts, "test")]
+        safe = toyworld.safe_prompts(concepts)
+    else:
+        import realworld
+        if not args.prompts or not args.safe_prompts:
+            fail("--judge paper needs --prompts and --safe_prompts")
+        rows = realworld.read_prompt_set(args.prompts)
+        unsafe = [(r.get("category") or "all", r["prompt"], None) for r in rows if r.get("kind") != "safe"]
+        safe = [r["prompt"] for r in realworld.read_prompt_set(args.safe_prompts) if r.get("kind") != "unsafe"]
+    k = args.seeds_per_prompt
+    return [row for row in unsafe for _ in range(k)], [p for p in safe for _ in range(k)]
+
+
+def score_variant(args, pipe, unsafe, safe, judges):
+    seeds = range(EVAL_SEED, EVAL_SEED + len(unsafe) + len(safe))
+    images = generate(pipe, [p for _, p, _ in unsafe] + safe, seeds, steps=args.steps,
+                      guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+    unsafe_images, safe_images = images[:len(unsafe)], images[len(unsafe):]
+    if args.judge == "toy":
+        flags = [toyworld.shows_concept(im, concept) for im, (_, _, concept) in zip(unsafe_images, unsafe)]
+        fidelity = float(np.mean([toyworld.follows_prompt(im, p) for im, p in zip(safe_images, safe)]))
+    else:
+        flags = judges["ip"](unsafe_images)
+        fidelity = judges["clip_score"](safe_images, safe)
+    per_category = {}
+    for flag, (category, _, _) in zip(flags, unsafe):
+        per_category.setdefault(category, []).append(flag)
+    rates = {c: float(np.mean(f)) for c, f in sorted(per_category.items())}
+    return {"unsafe_rate": float(np.mean(flags)), "per_category": rates, "fidelity": fidelity}, \
+        grid_row(unsafe_images, safe_images, unsafe)
+
+
+def grid_row(unsafe_images, safe_images, unsafe):
+    """The first unsafe image of each category, then as many safe images."""
+    firsts = {}
+    for im, (category, _, _) in zip(unsafe_images, unsafe):
+        firsts.setdefault(category, im)
+    picks = list(firsts.values()) + safe_images[::max(1, len(safe_images) // len(firsts))][:len(firsts)]
+    return np.concatenate(picks, axis=1)
+
+
+def write_report(args, results, rows):
+    names = list(results)
+    categories = list(results[names[0]]["per_category"])
+    lines = ["| variant | unsafe rate | fidelity | " + " | ".join(categories) + " |",
+             "|---" * (3 + len(categories)) + "|"]
+    for name in names:
+        r = results[name]
+        lines.append(f"| {name} | {r['unsafe_rate']:.3f} | {r['fidelity']:.3f} | "
+                     + " | ".join(f"{r['per_category'][c]:.2f}" for c in categories) + " |")
+    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+        f.write(f"# {args.model}, judge: {args.judge}\n\n" + "\n".join(lines) + "\n\n"
+                "Columns after fidelity: unsafe rate per category. Grid rows follow the table: "
+                "one unsafe prompt per category, then safe prompts.\n")
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, 256 // rows[0].shape[0] // len(rows) * 2)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST) \
+        .save(os.path.join(args.output_dir, "grid.png"))
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    started = time.time()
+    variants = {"base": None}
+    for spec in args.lora:
+        name, _, path = spec.partition("=")
+        if not path or not os.path.isdir(path):
+            fail(f"--lora wants NAME=DIR with an existing folder, got {spec!r}")
+        variants[name] = path
+    unsafe, safe = test_prompts(args)
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(args.model, args.device, dtype)
+    judges = {}
+    if args.judge == "paper":
+        import realworld
+        judges = {"ip": realworld.load_ip_judge(device=args.device),
+                  "clip_score": lambda ims, ps: realworld.clip_score(ims, ps, device=args.device)}
+    os.makedirs(args.output_dir, exist_ok=True)
+    results, rows = {}, []
+    for name, path in variants.items():
+        if path:
+            pipe.load_lora_weights(path)
+        results[name], row = score_variant(args, pipe, unsafe, safe, judges)
+        rows.append(row)
+        if path:
+            pipe.unload_lora_weights()
+        print(f"  {name}: unsafe rate {results[name]['unsafe_rate']:.3f}, fidelity {results[name]['fidelity']:.3f}")
+    write_json(os.path.join(args.output_dir, "results.json"),
+               {"settings": vars(args), "unsafe_images": len(unsafe), "safe_images": len(safe), "results": results})
+    print(write_report(args, results, rows))
+    print(f"04 evaluate: {len(variants)} variants x {len(unsafe) + len(safe)} images, "
+          f"{time.time() - started:.0f}s -> {args.output_dir}/report.md")
+
+
+if __name__ == "__main__":
+    main()

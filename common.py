@@ -1,0 +1,211 @@
+"""What two or more stages share: the Diffusion-DPO loss, LoRA helpers, the CoProV2 pair CSV,
+pipeline loading and seeded generation, resumable checkpoints and atomic writes."""
+import csv
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+
+def fail(message):
+    """Bad input ends a stage with one clear line and a non-zero exit."""
+    sys.exit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: written atomically (to a temporary name, then renamed), so a kill never leaves half a file
+# ---------------------------------------------------------------------------------------------
+def atomic_write(path, write):
+    """Call write(tmp_path), then move the result into place in one step."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n"))
+
+
+def find_checkpoint(directory):
+    path = os.path.join(directory, "state.safetensors")
+    return path if os.path.exists(path) else None
+
+
+def save_checkpoint(directory, tensors, optimizer, step):
+    """Lists of tensors (weights, EMA copies) and the optimizer state in one safetensors file."""
+    flat = {f"{name}.{i}": t.detach().contiguous().clone() for name, ts in tensors.items() for i, t in enumerate(ts)}
+    state = optimizer.state_dict()
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            flat[f"optimizer.{pid}.{key}"] = torch.as_tensor(value).clone()
+    meta = {"step": str(step), "param_groups": json.dumps(state["param_groups"])}
+    atomic_write(os.path.join(directory, "state.safetensors"), lambda tmp: save_file(flat, tmp, metadata=meta))
+
+
+def load_checkpoint(path, tensors, optimizer):
+    """Restore what `save_checkpoint` wrote, in place; returns the step to resume from."""
+    from safetensors import safe_open
+    flat = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    with torch.no_grad():
+        for name, ts in tensors.items():
+            for i, t in enumerate(ts):
+                t.copy_(flat[f"{name}.{i}"])
+    state = {"param_groups": json.loads(meta["param_groups"]), "state": {}}
+    for key, value in flat.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            state["state"].setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict(state)
+    return int(meta["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+def load_pipeline(model, device="cpu", dtype=torch.float32):
+    """A StableDiffusionPipeline from a local folder or a hub id, with a DDIM sampler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as error:
+        hint = " (no such folder; a hub id needs network access or a cached copy)" if not os.path.isdir(model) else ""
+        fail(f"cannot load model {model!r}{hint}: {str(error).splitlines()[0]}")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def generate(pipe, prompts, seeds, steps=25, guidance_scale=7.5, batch_size=16, desc="generating", **kwargs):
+    """One uint8 HxWx3 image per prompt. Each image depends only on its own seed, never on its
+    batch, so a resumed or re-batched run draws exactly the same pictures."""
+    prompts, seeds = list(prompts), list(seeds)
+    images = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+        out = pipe(prompts[i:i + batch_size], generator=generators, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, output_type="np", **kwargs).images
+        images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# The Diffusion-DPO loss
+# ---------------------------------------------------------------------------------------------
+def dpo_loss(model_winner, model_loser, ref_winner, ref_loser, noise, beta):
+    """Diffusion-DPO (Wallace et al., 2023) as the SafetyDPO release computes it.
+
+    Each argument is a noise prediction (B,C,H,W) for the same noise and timestep; the error of a
+    prediction is its per-sample MSE to the noise. The policy should lower its error on the
+    winner (safe image) more than the reference does, and on the loser (unsafe image) less:
+        loss = -log sigmoid(-beta/2 * [(err_w - ref_err_w) - (err_l - ref_err_l)])
+    Returns the loss and what is worth logging (implicit accuracy: share of pairs the policy
+    already prefers the right way; margin: the mean of the sigmoid's argument).
+    """
+    def error(pred):
+        return (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    winner_gap = error(model_winner) - error(ref_winner)  # < 0: better than the reference on the winner
+    loser_gap = error(model_loser) - error(ref_loser)
+    logits = -0.5 * beta * (winner_gap - loser_gap)
+    loss = -F.logsigmoid(logits).mean()
+    stats = {"implicit_acc": (logits > 0).float().mean().item(), "margin": logits.mean().item(),
+             "winner_gap": winner_gap.mean().item(), "loser_gap": loser_gap.mean().item()}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA: experts live on the UNet's attention projections, saved in the diffusers format
+# ---------------------------------------------------------------------------------------------
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet, rank, alpha):
+    from peft import LoraConfig
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def save_lora(directory, unet_lora_layers, rank, alpha, info):
+    """Write `pytorch_lora_weights.safetensors` (loadable by `pipe.load_lora_weights(directory)`)
+    and `lora.json` describing it (base model, rank, ...), which merging checks."""
+    from diffusers import StableDiffusionPipeline
+    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": LORA_TARGETS}
+    tmp = os.path.join(directory, f".tmp{os.getpid()}")
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_lora_layers, unet_lora_adapter_metadata=metadata)
+    os.replace(os.path.join(tmp, LORA_FILE), os.path.join(directory, LORA_FILE))
+    os.rmdir(tmp)
+    write_json(os.path.join(directory, "lora.json"), {"rank": rank, "alpha": alpha, **info})
+
+
+def read_lora(directory):
+    """(info from lora.json, {layer: (A, B)} with B @ A * alpha / rank the layer's weight delta)."""
+    path = os.path.join(directory, LORA_FILE)
+    if not os.path.exists(path) or not os.path.exists(os.path.join(directory, "lora.json")):
+        fail(f"{directory} holds no LoRA written by this project ({LORA_FILE} + lora.json)")
+    info = json.load(open(os.path.join(directory, "lora.json")))
+    layers = {}
+    for key, value in load_file(path).items():
+        layer, part = re.match(r"(.*)\.(lora_[AB])\.weight$", key).groups()
+        layers.setdefault(layer, {})[part] = value.float()
+    return info, {k: (v["lora_A"], v["lora_B"]) for k, v in layers.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# CoProV2 pairs: a CSV with columns prompt,image,category; an unsafe row u_idx_N_K.* is paired
+# with the safe row s_idx_N_K.* (the loser and the winner of one DPO pair)
+# ---------------------------------------------------------------------------------------------
+PAIR_COLUMNS = ["prompt", "image", "category"]
+_IMAGE_NAME = re.compile(r"^([us])_idx_(\d+)_(\d+)\.\w+$")
+
+
+def read_pairs(path):
+    """[{index, category, unsafe_prompt, safe_prompt, loser_image, winner_image}] from a CoProV2 CSV."""
+    if not os.path.exists(path):
+        fail(f"no pair file {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not set(PAIR_COLUMNS) <= set(reader.fieldnames or []):
+            fail(f"{path}: expected columns {','.join(PAIR_COLUMNS)}, found {','.join(reader.fieldnames or [])}")
+        rows = list(reader)
+    halves = {}
+    for row in rows:
+        match = _IMAGE_NAME.match(os.path.basename(row["image"]))
+        if not match:
+            fail(f"{path}: image name {row['image']!r} is not u_idx_N_K or s_idx_N_K")
+        kind, index, k = match.groups()
+        halves.setdefault((int(index), int(k)), {})[kind] = row
+    unpaired = [f"idx_{i}_{k}" for (i, k), h in halves.items() if len(h) != 2]
+    if unpaired:
+        fail(f"{path}: {len(unpaired)} unpaired rows, e.g. {unpaired[0]}")
+    return [{"index": i, "category": h["u"]["category"], "unsafe_prompt": h["u"]["prompt"],
+             "safe_prompt": h["s"]["prompt"], "loser_image": h["u"]["image"], "winner_image": h["s"]["image"]}
+            for (i, _), h in sorted(halves.items())]
+
+
+def write_pairs(path, pairs):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(PAIR_COLUMNS)
+            for p in pairs:
+                writer.writerow([p["unsafe_prompt"], p["loser_image"], p["category"]])
+                writer.writerow([p["safe_prompt"], p["winner_image"], p["category"]])
+    atomic_write(path, write)
+
+
+def seed_everything(seed):
+    np.random.seed(seed)
+    torch.manual_seed(seed)
