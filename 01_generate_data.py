@@ -59,7 +59,10 @@ def prompt_pairs(args):
         if not args.concepts or not os.path.exists(args.concepts):
             fail("--llm needs --concepts FILE.json ({category: [concept, ...]})")
         concepts = [{"category": c, "concept": k} for c, ks in json.load(open(args.concepts)).items() for k in ks]
-        rows, counts = realworld.write_prompts_with_llm(args.llm, concepts, args.pairs_per_concept)
+        try:
+            rows, counts = realworld.write_prompts_with_llm(args.llm, concepts, args.pairs_per_concept, device=args.device)
+        except (ValueError, RuntimeError, OSError) as error:
+            fail(f"--llm {args.llm}: {str(error).splitlines()[0]}")
         print(f"llm prompts: {counts}")
         return [(category, unsafe, safe, i) for i, (category, _, unsafe, safe) in enumerate(rows)]
     # The toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs.
@@ -123,7 +126,10 @@ def main():
         judge = "toy" if all(toyworld.parse_prompt(p[1]) and toyworld.parse_prompt(p[2]) for p in pairs) else "none"
     if judge == "paper":
         import realworld
-        keep_pair.ip_judge = realworld.load_ip_judge(device=args.device)
+        try:
+            keep_pair.ip_judge = realworld.load_ip_judge(device=args.device)
+        except (ValueError, RuntimeError) as error:
+            fail(str(error))
     image_dir = os.path.join(args.output_dir, "images")
     rendered = render_pairs(args, pairs, image_dir)
     kept = [p for p in tqdm(pairs, desc=f"filter ({judge})") if keep_pair(judge, image_dir, p)]

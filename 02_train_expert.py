@@ -17,6 +17,7 @@ Output: <output_dir>/pytorch_lora_weights.safetensors (diffusers format), lora.j
 A killed run resumes from <output_dir>/checkpoint/.
 """
 import argparse
+import json
 import os
 import time
 
@@ -117,7 +118,8 @@ def train(args, pipe, pairs):
     start = load_checkpoint(find_checkpoint(checkpoint_dir), {"lora": lora_params}, optimizer) \
         if find_checkpoint(checkpoint_dir) else 0
     toy = args.eval_every and all(toyworld.parse_prompt(p["unsafe_prompt"]) for p in pairs)
-    log = []
+    log_path = os.path.join(args.output_dir, "log.json")
+    log = [s for s in json.load(open(log_path))["log"] if s["step"] <= start] if start and os.path.exists(log_path) else []
     bar = tqdm(range(start, args.max_train_steps), desc=f"expert {args.category}", initial=start,
                total=args.max_train_steps)
     for step in bar:
@@ -151,8 +153,9 @@ def train(args, pipe, pairs):
             stats["sampled_unsafe_rate"] = quick_eval(pipe, pairs, args.seed)
         log.append(stats)
         bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "implicit_acc", "sampled_unsafe_rate")})
-        if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.max_train_steps:
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.max_train_steps:
             save_checkpoint(checkpoint_dir, {"lora": lora_params}, optimizer, step + 1)
+            write_json(log_path, {"args": vars(args), "log": log})
     return log
 
 
@@ -169,7 +172,6 @@ def main():
     save_lora(args.output_dir, get_peft_model_state_dict(pipe.unet), args.rank, args.alpha,
               {"base_model": args.model, "category": args.category, "pairs": len(pairs),
                "steps": args.max_train_steps, "beta": args.beta, "learning_rate": args.learning_rate})
-    write_json(os.path.join(args.output_dir, "log.json"), {"args": vars(args), "log": log})
     last = log[-1] if log else {}
     print(f"02 expert {args.category}: {len(pairs)} pairs, {args.max_train_steps} steps, final loss "
           f"{last.get('loss', float('nan')):.4f}, implicit acc {last.get('implicit_acc', float('nan')):.2f}, "

@@ -27,8 +27,6 @@ from PIL import Image
 import toyworld
 from common import fail, generate, load_pipeline, write_json
 
-EVAL_SEED = 2_000_000  # far from the seeds stage 1 used for training pairs
-
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +36,11 @@ def parse_args():
     parser.add_argument("--concepts_per_category", type=int, default=2, help="toy taxonomy size")
     parser.add_argument("--prompts", help="paper judge: unsafe prompt set (I2P, CoProV2 test, any prompt CSV/txt)")
     parser.add_argument("--safe_prompts", help="paper judge: safe prompts for CLIPScore (CSV/txt)")
+    parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="paper judge: Q16 and CLIPScore")
+    parser.add_argument("--q16_prompts", help="paper judge: local copy of Q16's prompts.p (else downloaded)")
+    parser.add_argument("--no_nudenet", action="store_true", help="paper judge: Q16 alone")
     parser.add_argument("--seeds_per_prompt", type=int, default=4)
+    parser.add_argument("--eval_seed", type=int, default=2_000_000, help="first seed; far from stage 1's")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -48,37 +50,54 @@ def parse_args():
 
 
 def test_prompts(args):
-    """(unsafe rows [(category, prompt, concept)], safe prompts), each row repeated per seed."""
+    """Unsafe items {category, prompt, concept, seed, guidance} and safe items {prompt, seed, guidance},
+    each prompt repeated once per seed. Published sets bring their own seeds and guidance (I2P)."""
     if args.judge == "toy":
         concepts = toyworld.taxonomy(args.concepts_per_category)
-        unsafe = [(category, p, toyworld.parse_prompt(p)[::2])
+        unsafe = [{"category": category, "prompt": p, "concept": toyworld.parse_prompt(p)[::2]}
                   for category, _, p, _ in toyworld.concept_prompts(concepts, "test")]
-        safe = toyworld.safe_prompts(concepts)
+        safe = [{"prompt": p} for p in toyworld.safe_prompts(concepts)]
     else:
         import realworld
         if not args.prompts or not args.safe_prompts:
             fail("--judge paper needs --prompts and --safe_prompts")
-        rows = realworld.read_prompt_set(args.prompts)
-        unsafe = [(r.get("category") or "all", r["prompt"], None) for r in rows if r.get("kind") != "safe"]
-        safe = [r["prompt"] for r in realworld.read_prompt_set(args.safe_prompts) if r.get("kind") != "unsafe"]
-    k = args.seeds_per_prompt
-    return [row for row in unsafe for _ in range(k)], [p for p in safe for _ in range(k)]
+        try:
+            unsafe = [r for r in realworld.read_prompt_set(args.prompts) if r.get("kind") != "safe"]
+            safe = [r for r in realworld.read_prompt_set(args.safe_prompts) if r.get("kind") != "unsafe"]
+        except ValueError as error:
+            fail(str(error))
+        for r in unsafe:
+            r["category"] = r.get("category") or "all"
+    def repeat(items, offset):
+        return [{**item, "seed": item["seed"] + j if item.get("seed") is not None else offset + i * args.seeds_per_prompt + j,
+                 "guidance": item.get("guidance") or args.guidance_scale}
+                for i, item in enumerate(items) for j in range(args.seeds_per_prompt)]
+    return repeat(unsafe, args.eval_seed), repeat(safe, args.eval_seed + 10**6)
+
+
+def render(args, pipe, items):
+    """Images for items, grouped by guidance scale (published sets may give one per prompt)."""
+    images = [None] * len(items)
+    for guidance in sorted({item["guidance"] for item in items}):
+        index = [i for i, item in enumerate(items) if item["guidance"] == guidance]
+        out = generate(pipe, [items[i]["prompt"] for i in index], [items[i]["seed"] for i in index],
+                       steps=args.steps, guidance_scale=guidance, batch_size=args.batch_size)
+        for i, image in zip(index, out):
+            images[i] = image
+    return images
 
 
 def score_variant(args, pipe, unsafe, safe, judges):
-    seeds = range(EVAL_SEED, EVAL_SEED + len(unsafe) + len(safe))
-    images = generate(pipe, [p for _, p, _ in unsafe] + safe, seeds, steps=args.steps,
-                      guidance_scale=args.guidance_scale, batch_size=args.batch_size)
-    unsafe_images, safe_images = images[:len(unsafe)], images[len(unsafe):]
+    unsafe_images, safe_images = render(args, pipe, unsafe), render(args, pipe, safe)
     if args.judge == "toy":
-        flags = [toyworld.shows_concept(im, concept) for im, (_, _, concept) in zip(unsafe_images, unsafe)]
-        fidelity = float(np.mean([toyworld.follows_prompt(im, p) for im, p in zip(safe_images, safe)]))
+        flags = [toyworld.shows_concept(im, item["concept"]) for im, item in zip(unsafe_images, unsafe)]
+        fidelity = float(np.mean([toyworld.follows_prompt(im, item["prompt"]) for im, item in zip(safe_images, safe)]))
     else:
         flags = judges["ip"](unsafe_images)
-        fidelity = judges["clip_score"](safe_images, safe)
+        fidelity = judges["clip_score"](safe_images, [item["prompt"] for item in safe])
     per_category = {}
-    for flag, (category, _, _) in zip(flags, unsafe):
-        per_category.setdefault(category, []).append(flag)
+    for flag, item in zip(flags, unsafe):
+        per_category.setdefault(item["category"], []).append(flag)
     rates = {c: float(np.mean(f)) for c, f in sorted(per_category.items())}
     return {"unsafe_rate": float(np.mean(flags)), "per_category": rates, "fidelity": fidelity}, \
         grid_row(unsafe_images, safe_images, unsafe)
@@ -87,8 +106,8 @@ def score_variant(args, pipe, unsafe, safe, judges):
 def grid_row(unsafe_images, safe_images, unsafe):
     """The first unsafe image of each category, then as many safe images."""
     firsts = {}
-    for im, (category, _, _) in zip(unsafe_images, unsafe):
-        firsts.setdefault(category, im)
+    for im, item in zip(unsafe_images, unsafe):
+        firsts.setdefault(item["category"], im)
     picks = list(firsts.values()) + safe_images[::max(1, len(safe_images) // len(firsts))][:len(firsts)]
     return np.concatenate(picks, axis=1)
 
@@ -126,10 +145,14 @@ def main():
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.model, args.device, dtype)
     judges = {}
-    if args.judge == "paper":
+    if args.judge == "paper":  # Q16 + NudeNet for IP, CLIPScore for quality (realworld.py)
         import realworld
-        judges = {"ip": realworld.load_ip_judge(device=args.device),
-                  "clip_score": lambda ims, ps: realworld.clip_score(ims, ps, device=args.device)}
+        try:
+            judges = {"ip": realworld.load_ip_judge(args.clip_model, args.q16_prompts, use_nudenet=not args.no_nudenet,
+                                                    device=args.device, dtype=dtype),
+                      "clip_score": lambda ims, ps: realworld.clip_score(ims, ps, args.clip_model, args.device, dtype)}
+        except (ValueError, RuntimeError) as error:
+            fail(str(error))
     os.makedirs(args.output_dir, exist_ok=True)
     results, rows = {}, []
     for name, path in variants.items():

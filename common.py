@@ -75,6 +75,7 @@ def load_checkpoint(path, tensors, optimizer):
 def load_pipeline(model, device="cpu", dtype=torch.float32):
     """A StableDiffusionPipeline from a local folder or a hub id, with a DDIM sampler."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+    quiet_libraries()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
@@ -84,6 +85,16 @@ def load_pipeline(model, device="cpu", dtype=torch.float32):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def quiet_libraries():
+    """Hide the libraries' info chatter (progress bars of loading, unused-key notes), keep errors."""
+    import diffusers
+    import transformers
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 @torch.no_grad()

@@ -404,7 +404,7 @@ def measure(args):
             ps = [prompt(colour, s, background, t) for s in SHAPES for t in range(len(TEMPLATES))]
             ims = generate(pipe, ps * 4, seeds=range(len(ps) * 4), steps=args.steps, batch_size=args.batch_size)
             rate = np.mean([shows_concept(im, c[side]) for im in ims])
-            worst[side] = min(worst.get(side, (1.0, "")), (rate, f"{colour} on {background}"))
+            worst[side] = min(worst.get(side, (2.0, "")), (rate, f"{colour} on {background}"))
     print(f"worst rendered unsafe concept: {worst['unsafe'][1]} {worst['unsafe'][0]:.3f}; "
           f"worst safe counterpart: {worst['safe'][1]} {worst['safe'][0]:.3f}")
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The main job: SafetyDPO's four stages on the toy model, end to end, on a CPU.
+# Every stage is resumable: rerun this script after an interruption and it picks up where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")"
+CATEGORIES=(Hate Harassment Violence Self-harm Sexual Shocking "Illegal Activity")
+
+python 01_generate_data.py --output_dir data/toy                      # CoProV2-style pairs
+experts=()
+for category in "${CATEGORIES[@]}"; do                                # one safety expert per category
+  dir="experts/$(echo "$category" | tr 'A-Z ' 'a-z-')"
+  python 02_train_expert.py --data data/toy --category "$category" --output_dir "$dir"
+  experts+=("$dir")
+done
+python 02_train_expert.py --data data/toy --category all --output_dir experts/all   # the release's recipe
+python 03_merge.py "${experts[@]}" --method comerge --data data/toy --output_dir merged/comerge
+python 04_evaluate.py --lora co-merge=merged/comerge all-data=experts/all --output_dir results/toy

@@ -1,0 +1,177 @@
+"""The claims study: the paper's claims checked in miniature on the toy model, with an exact judge.
+
+  (a) DPO on CoProV2-style pairs lowers the unsafe rate while keeping fidelity;
+  (b) merged per-category experts beat one LoRA trained on all data (the release's recipe);
+  (c) Co-Merge beats other merges (linear average, TIES, concatenation);
+  (d) experts scale to more concepts: 1x, 2x, 4x the unsafe concepts (7, 14, 28).
+Every number is a mean over --seeds (each seed: new pairs, new training noise, new eval seeds
+offset), with the spread (standard deviation) beside it.
+
+    python study.py                      # results/study: table.md, results.json, *.png
+
+It only drives the four stage scripts (so it measures exactly what a user runs) and is
+resumable: finished stage outputs are reused on a rerun.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import toyworld
+from common import write_json
+
+CATEGORIES = list(toyworld.CATEGORIES)
+MERGES = ["comerge", "linear", "ties", "cat"]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4], help="concepts per category")
+    parser.add_argument("--main_scale", type=int, default=2, help="the scale at which every variant is compared")
+    parser.add_argument("--pairs_per_concept", type=int, default=48)
+    parser.add_argument("--seeds_per_prompt", type=int, default=2)
+    parser.add_argument("--output_dir", default="results/study")
+    parser.add_argument("--train_args", default="", help="extra flags for 02_train_expert.py, e.g. '--beta 1000'")
+    return parser.parse_args()
+
+
+def stage(*args):
+    """Run one stage script; a failure stops the study with that stage's own error line."""
+    result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"study: {args[0]} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return result.stdout
+
+
+def slug(category):
+    return category.lower().replace(" ", "-")
+
+
+def subset_pairs(data, scale):
+    """pairs.csv rows of the concepts in taxonomy(scale): smaller taxonomies are subsets of the largest."""
+    unsafe = {c["unsafe"] for c in toyworld.taxonomy(scale)}
+    path = os.path.join(data, f"pairs_x{scale}.csv")
+    with open(os.path.join(data, "pairs.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    unsafe_index = {r["image"][2:] for r in rows
+                    if r["image"].startswith("u_") and toyworld.parse_prompt(r["prompt"])[::2] in unsafe}
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "image", "category"])
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in writer.fieldnames} for r in rows if r["image"][2:] in unsafe_index)
+    return path
+
+
+def run_seed(args, seed, root):
+    """All stages for one seed; returns {scale: results.json of stage 4}."""
+    data = os.path.join(root, "data")
+    stage("01_generate_data.py", "--output_dir", data, "--concepts_per_category", max(args.scales),
+          "--pairs_per_concept", args.pairs_per_concept, "--seed", seed * 100_000)
+    results = {}
+    for scale in args.scales:
+        pairs, work = subset_pairs(data, scale), os.path.join(root, f"x{scale}")
+        variants = {}
+        for category in CATEGORIES + ["all"]:
+            out = os.path.join(work, "experts", slug(category))
+            stage("02_train_expert.py", "--pairs", pairs, "--category", category, "--output_dir", out,
+                  "--seed", seed, *args.train_args.split())
+            if category == "all":
+                variants["all-data"] = out
+            elif scale == args.main_scale:
+                variants[f"expert:{category}"] = out
+        experts = [os.path.join(work, "experts", slug(c)) for c in CATEGORIES]
+        for method in MERGES if scale == args.main_scale else ["comerge"]:
+            out = os.path.join(work, "merged", method)
+            if not os.path.exists(os.path.join(out, "lora.json")):
+                stage("03_merge.py", *experts, "--method", method, "--data", data, "--output_dir", out)
+            variants[method] = out
+        result_file = os.path.join(work, "eval", "results.json")
+        if not os.path.exists(result_file):
+            stage("04_evaluate.py", "--concepts_per_category", scale, "--seeds_per_prompt", args.seeds_per_prompt,
+                  "--output_dir", os.path.dirname(result_file), "--eval_seed", 2_000_000 + seed * 100_000,
+                  "--lora", *[f"{k}={v}" for k, v in variants.items()])
+        results[scale] = json.load(open(result_file))["results"]
+    return results
+
+
+def summarize(runs, key):
+    """{variant: (mean, std)} of results[variant][key] across seeds."""
+    values = {}
+    for results in runs:
+        for variant, r in results.items():
+            values.setdefault(variant, []).append(key(r))
+    return {v: (float(np.mean(x)), float(np.std(x))) for v, x in values.items()}
+
+
+def write_outputs(args, by_seed, minutes):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    main = [r[args.main_scale] for r in by_seed]
+    unsafe = summarize(main, lambda r: r["unsafe_rate"])
+    fidelity = summarize(main, lambda r: r["fidelity"])
+    lines = [f"# Claims study on the toy model ({len(by_seed)} seeds, mean ± std; {minutes:.0f} min)", "",
+             f"## Every variant at {args.main_scale} concepts per category", "",
+             "| variant | unsafe rate | fidelity |", "|---|---|---|"]
+    lines += [f"| {v} | {unsafe[v][0]:.3f} ± {unsafe[v][1]:.3f} | {fidelity[v][0]:.3f} ± {fidelity[v][1]:.3f} |"
+              for v in unsafe]
+    # Collateral damage: each expert alone, the unsafe rate it leaves in every category.
+    leak = {v: {c: summarize(main, lambda r, c=c: r["per_category"][c])[v][0] for c in CATEGORIES}
+            for v in unsafe if v.startswith("expert:") or v == "base"}
+    lines += ["", "## Each expert alone: unsafe rate per category (diagonal = its own category)", "",
+              "| expert | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 1) + "|"]
+    lines += [f"| {v} | " + " | ".join(f"{leak[v][c]:.2f}" for c in CATEGORIES) + " |" for v in leak]
+    scaling = {s: {k: summarize([r[s] for r in by_seed], lambda r, k=k: r[k]) for k in ("unsafe_rate", "fidelity")}
+               for s in args.scales}
+    lines += ["", "## Scaling with the number of unsafe concepts", "",
+              "| concepts | variant | unsafe rate | fidelity |", "|---|---|---|---|"]
+    for s in args.scales:
+        for v in ("base", "all-data", "comerge"):
+            u, f = scaling[s]["unsafe_rate"][v], scaling[s]["fidelity"][v]
+            lines.append(f"| {7 * s} | {v} | {u[0]:.3f} ± {u[1]:.3f} | {f[0]:.3f} ± {f[1]:.3f} |")
+    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    write_json(os.path.join(args.output_dir, "results.json"), {"args": vars(args), "minutes": minutes,
+                                                               "by_seed": by_seed})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [v for v in unsafe if not v.startswith("expert:")]
+    for ax, stat, title in ((axes[0], unsafe, "unsafe rate (lower is safer)"), (axes[1], fidelity, "fidelity")):
+        ax.bar(names, [stat[v][0] for v in names], yerr=[stat[v][1] for v in names], capsize=4)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.output_dir, "variants.png"), dpi=100)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("unsafe_rate", "fidelity")):
+        for v in ("base", "all-data", "comerge"):
+            ax.errorbar([7 * s for s in args.scales], [scaling[s][key][v][0] for s in args.scales],
+                        yerr=[scaling[s][key][v][1] for s in args.scales], marker="o", capsize=4, label=v)
+        ax.set_xlabel("unsafe concepts")
+        ax.set_title(key.replace("_", " "))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.output_dir, "scaling.png"), dpi=100)
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    started = time.time()
+    os.makedirs(args.output_dir, exist_ok=True)
+    by_seed = []
+    for seed in args.seeds:
+        print(f"seed {seed} ...", flush=True)
+        by_seed.append(run_seed(args, seed, os.path.join(args.output_dir, f"seed{seed}")))
+    minutes = (time.time() - started) / 60
+    print(write_outputs(args, by_seed, minutes))
+    print(f"study: {len(args.seeds)} seeds in {minutes:.0f} min -> {args.output_dir}/table.md")
+
+
+if __name__ == "__main__":
+    main()

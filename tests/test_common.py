@@ -1,0 +1,81 @@
+"""Shared pieces: the Diffusion-DPO loss, the CoProV2 pair CSV, checkpoints."""
+import csv
+import math
+import os
+
+import pytest
+import torch
+
+from common import dpo_loss, load_checkpoint, read_pairs, save_checkpoint, write_pairs
+
+
+def test_dpo_loss_is_ln2_when_policy_equals_reference():
+    torch.manual_seed(0)
+    noise, w, l = torch.randn(3, 4, 4, 8, 8)
+    loss, stats = dpo_loss(w, l, w.clone(), l.clone(), noise, beta=5000)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dpo_gradient_pushes_toward_the_winner():
+    torch.manual_seed(0)
+    noise = torch.randn(4, 4, 8, 8)
+    ref_w, ref_l = noise + torch.randn_like(noise), noise + torch.randn_like(noise)
+    model_w, model_l = ref_w.clone().requires_grad_(), ref_l.clone().requires_grad_()
+    loss, _ = dpo_loss(model_w, model_l, ref_w, ref_l, noise, beta=10)
+    loss.backward()
+    with torch.no_grad():  # one gradient step
+        model_w -= 0.01 * model_w.grad
+        model_l -= 0.01 * model_l.grad
+    error = lambda pred: (pred - noise).pow(2).mean().item()
+    assert error(model_w) < error(ref_w)  # the winner is denoised better than by the reference
+    assert error(model_l) > error(ref_l)  # the loser worse
+    assert dpo_loss(model_w, model_l, ref_w, ref_l, noise, beta=10)[0] < loss
+
+
+def write_official_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "image", "category"])
+        writer.writerows(rows)
+
+
+def test_official_coprov2_layout_parses(tmp_path):
+    path = tmp_path / "train.csv"  # rows out of order, as they may come
+    write_official_csv(path, [
+        ["a calm street", "s_idx_7_0.jpg", "Violence"], ["a burning street riot", "u_idx_7_0.jpg", "Violence"],
+        ["a mutilated kitten", "u_idx_2_0.jpg", "Shocking"], ["a sleeping kitten", "s_idx_2_0.jpg", "Shocking"]])
+    pairs = read_pairs(str(path))
+    assert [(p["index"], p["category"], p["unsafe_prompt"], p["safe_prompt"]) for p in pairs] == [
+        (2, "Shocking", "a mutilated kitten", "a sleeping kitten"), (7, "Violence", "a burning street riot", "a calm street")]
+    write_pairs(str(tmp_path / "again.csv"), pairs)
+    assert read_pairs(str(tmp_path / "again.csv")) == pairs
+
+
+@pytest.mark.parametrize("rows, header, message", [
+    ([["x", "u_idx_1_0.jpg", "Hate"]], ["prompt", "image", "category"], "unpaired"),
+    ([["x", "u_idx_1_0.jpg"]], ["prompt", "image"], "expected columns"),
+    ([["x", "picture.jpg", "Hate"]], ["prompt", "image", "category"], "is not u_idx_N_K"),
+])
+def test_malformed_pair_csv_fails_with_one_line(tmp_path, capsys, rows, header, message):
+    path = tmp_path / "bad.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    with pytest.raises(SystemExit) as exit_info:
+        read_pairs(str(path))
+    assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+    with pytest.raises(SystemExit, match="no pair file"):
+        read_pairs(str(tmp_path / "missing.csv"))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    weights = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = torch.optim.AdamW(weights, lr=0.1)
+    sum(w.sum() for w in weights).backward()
+    optimizer.step()
+    save_checkpoint(str(tmp_path), {"lora": weights}, optimizer, step=17)
+    fresh = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(5))]
+    fresh_optimizer = torch.optim.AdamW(fresh, lr=0.1)
+    assert load_checkpoint(os.path.join(tmp_path, "state.safetensors"), {"lora": fresh}, fresh_optimizer) == 17
+    assert all(torch.equal(a, b) for a, b in zip(weights, fresh))
+    assert torch.equal(fresh_optimizer.state[fresh[0]]["exp_avg"], optimizer.state[weights[0]]["exp_avg"])

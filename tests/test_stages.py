@@ -1,0 +1,133 @@
+"""The four stages run as a user runs them, on the toy model with tiny settings."""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import read_lora, read_pairs
+from conftest import error_line, load_stage, run_stage
+
+TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "4", "--steps", "8", "--filter", "none"]
+TINY_TRAIN = ["--max_train_steps", "3", "--train_batch_size", "4", "--learning_rate", "1e-2", "--checkpoint_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, toy_model):
+    """Stages 1 and 2 once for the module: pairs and two experts."""
+    root = tmp_path_factory.mktemp("stages")
+    data = str(root / "data")
+    run_stage("01_generate_data.py", "--model", toy_model, "--output_dir", data, *TINY_GEN)
+    for category in ("Violence", "Hate"):
+        run_stage("02_train_expert.py", "--model", toy_model, "--data", data, "--category", category,
+                  "--output_dir", str(root / category), *TINY_TRAIN)
+    return root
+
+
+def test_generate_writes_official_layout_and_resumes_identically(work, toy_model):
+    data = work / "data"
+    pairs = read_pairs(str(data / "pairs.csv"))
+    assert len(pairs) == 7 * 4 and {p["category"] for p in pairs} >= {"Violence", "Hate"}
+    victim = data / "images" / pairs[5]["loser_image"]
+    before_csv, before_image = (data / "pairs.csv").read_bytes(), np.asarray(Image.open(victim))
+    victim.unlink()  # as if the run had been killed before this image was written
+    result = run_stage("01_generate_data.py", "--model", toy_model, "--output_dir", str(data), *TINY_GEN)
+    assert "1 rendered now" in result.stdout
+    assert (data / "pairs.csv").read_bytes() == before_csv
+    assert np.abs(np.asarray(Image.open(victim)).astype(int) - before_image).max() <= 1  # batch size may round
+
+
+def test_training_starts_at_ln2_and_logs(work):
+    log = json.load(open(work / "Violence" / "log.json"))["log"]
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the LoRA starts as a no-op: policy == reference
+    assert [s["step"] for s in log] == [1, 2, 3]
+    info = json.load(open(work / "Violence" / "lora.json"))
+    assert (info["rank"], info["category"]) == (4, "Violence")
+
+
+def test_expert_loads_into_a_plain_pipeline_and_changes_it(work, toy_model):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(toy_model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle on a black background"
+
+    def image():
+        return pipe(prompt, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    base = image()
+    pipe.load_lora_weights(str(work / "Violence"))
+    assert np.abs(image() - base).max() > 1e-3
+
+
+def test_co_merge_keeps_the_expert_that_dominates_each_weight():
+    merge = load_stage("03_merge.py")
+    deltas = [{"layer": torch.tensor([[1.0, 0.1], [0.2, 0.0]])}, {"layer": torch.tensor([[0.5, 0.3], [-0.4, 0.1]])}]
+    # Expert 1's inputs are ten times stronger on feature 1, so it wins column 1 despite smaller
+    # deltas there; column 0 goes to whichever delta is larger since activations tie.
+    activations = [{"layer": torch.tensor([1.0, 1.0])}, {"layer": torch.tensor([1.0, 10.0])}]
+    merged = merge.co_merge(deltas, activations)["layer"]
+    assert torch.equal(merged, torch.tensor([[1.0, 0.3], [-0.4, 0.1]]))
+    layers, error = merge.factorize({"unet.layer": merged}, rank=2)
+    assert error < 1e-5 and torch.allclose(layers["layer.lora_B.weight"] @ layers["layer.lora_A.weight"], merged, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["comerge", "ties"])
+def test_merged_lora_loads_with_plain_load_lora_weights(work, toy_model, method):
+    out = work / f"merged-{method}"
+    run_stage("03_merge.py", str(work / "Violence"), str(work / "Hate"), "--method", method,
+              "--data", str(work / "data"), "--prompts_per_expert", "2", "--steps", "3", "--output_dir", str(out))
+    info, layers = read_lora(str(out))
+    assert info["rank"] == 8 and all(a.shape[0] == 8 for a, _ in layers.values())
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(toy_model, safety_checker=None)
+    pipe.load_lora_weights(str(out))
+
+
+def test_merge_refuses_experts_of_different_ranks(work):
+    other = work / "other-rank"
+    shutil.copytree(work / "Hate", other, dirs_exist_ok=True)
+    info = json.load(open(other / "lora.json"))
+    json.dump({**info, "rank": 8}, open(other / "lora.json", "w"))
+    result = run_stage("03_merge.py", str(work / "Violence"), str(other), "--method", "linear",
+                       "--output_dir", str(work / "nope"), check=False)
+    assert result.returncode != 0 and "rank" in error_line(result)
+    assert not (work / "nope" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_evaluate_writes_results_report_and_grid(work, toy_model):
+    out = work / "results"
+    run_stage("04_evaluate.py", "--model", toy_model, "--lora", f"violence={work / 'Violence'}",
+              "--concepts_per_category", "1", "--seeds_per_prompt", "1", "--steps", "5", "--output_dir", str(out))
+    results = json.load(open(out / "results.json"))["results"]
+    assert set(results) == {"base", "violence"}
+    for r in results.values():
+        assert 0 <= r["unsafe_rate"] <= 1 and 0 <= r["fidelity"] <= 1 and len(r["per_category"]) == 7
+    assert "| violence |" in (out / "report.md").read_text()
+    assert Image.open(out / "grid.png").size[1] > 0
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(work, toy_model):
+    expert = work / "Violence"
+    state = (expert / "checkpoint" / "state.safetensors").read_bytes()
+    lora = (expert / "pytorch_lora_weights.safetensors").read_bytes()
+    result = run_stage("02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category",
+                       "Violence", "--output_dir", str(expert), *TINY_TRAIN[2:], "--max_train_steps", "5",
+                       "--beta", "nan", check=False)
+    assert result.returncode != 0 and "loss is nan at step 3" in error_line(result)
+    assert (expert / "checkpoint" / "state.safetensors").read_bytes() == state
+    assert (expert / "pytorch_lora_weights.safetensors").read_bytes() == lora
+
+
+@pytest.mark.parametrize("args, message", [
+    (["02_train_expert.py", "--model", "no/such-model", "--category", "Hate", "--data", "{data}"], "cannot load model"),
+    (["02_train_expert.py", "--category", "Gore", "--data", "{data}"], "unknown category 'Gore'"),
+    (["02_train_expert.py", "--category", "Hate", "--data", "{work}/empty"], "no pair file"),
+    (["04_evaluate.py", "--lora", "x={work}/missing"], "--lora wants NAME=DIR"),
+])
+def test_bad_input_ends_with_one_clear_line(work, args, message):
+    args = [a.format(data=work / "data", work=work) for a in args]
+    result = run_stage(*args, check=False)
+    assert result.returncode != 0 and message in error_line(result) and error_line(result).startswith("error:")
