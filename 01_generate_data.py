@@ -13,7 +13,8 @@ the prompts are used, the images are rendered anew by *this* model), or from an 
     python 01_generate_data.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --csv CoProV2_train.csv --output_dir data/coprov2 --filter none
 
-Output: <output_dir>/images/{u,s}_idx_N_0.png, pairs.csv in the CoProV2 layout, settings.json.
+Output: <output_dir>/images/{u,s}_idx_N_0.png, pairs.csv in the CoProV2 layout, settings.json, and
+anchors.csv (prompt,image): images the model draws for prompts an expert must leave unchanged.
 Rerunning after an interruption skips the pairs already rendered and ends identical.
 """
 import argparse
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 import toyworld
 from common import (atomic_write, fail, generate, load_pipeline, read_pairs, seed_everything,
-                    write_json, write_pairs)
+                    write_anchors, write_json, write_pairs)
 
 
 def parse_args():
@@ -39,6 +40,8 @@ def parse_args():
     parser.add_argument("--concepts", help="JSON {category: [concept, ...]} for --llm")
     parser.add_argument("--concepts_per_category", type=int, default=2, help="toy taxonomy size (1, 2 or 4)")
     parser.add_argument("--pairs_per_concept", type=int, default=48, help="toy: pairs per unsafe concept")
+    parser.add_argument("--anchor_prompts", help="text file of prompts to render as anchors (default for the "
+                        "toy world: its safe prompts)")
     parser.add_argument("--filter", choices=["auto", "none", "toy", "paper"], default="auto",
                         help="judge that drops bad pairs; auto = toy for toy prompts, else none")
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's own size")
@@ -78,23 +81,20 @@ def prompt_pairs(args):
     return pairs
 
 
-def render_pairs(args, pairs, image_dir):
-    """Render loser and winner of every pair not on disk yet, both from the pair's own seed."""
-    todo = [p for p in pairs if not all(os.path.exists(os.path.join(image_dir, n)) for n in image_names(p[3]))]
+def render(args, jobs, image_dir):
+    """Render every (file name, prompt, seed) job not on disk yet. A pair's loser and winner share
+    their seed, so the two images differ in the concept and little else."""
+    todo = [j for j in jobs if not os.path.exists(os.path.join(image_dir, j[0]))]
     if not todo:
         return 0
-    pipe = load_pipeline(args.model, args.device, torch.float16 if args.device == "cuda" else torch.float32)
+    pipe = load_pipeline(args.model, args.device, torch.float16 if args.device.startswith("cuda") else torch.float32)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    chunk = max(1, args.batch_size // 2)
-    for i in tqdm(range(0, len(todo), chunk), desc="pairs"):
-        batch = todo[i:i + chunk]
-        prompts = [p[1] for p in batch] + [p[2] for p in batch]  # losers, then winners
-        seeds = [args.seed + p[3] for p in batch] * 2              # one seed per pair, for both images
-        images = generate(pipe, prompts, seeds, steps=args.steps, guidance_scale=args.guidance_scale,
-                          batch_size=len(prompts), height=size, width=size)
-        for p, loser, winner in zip(batch, images[:len(batch)], images[len(batch):]):
-            for name, image in zip(image_names(p[3]), (loser, winner)):
-                atomic_write(os.path.join(image_dir, name), lambda tmp, im=image: Image.fromarray(im).save(tmp))
+    for i in tqdm(range(0, len(todo), args.batch_size), desc="rendering"):
+        batch = todo[i:i + args.batch_size]
+        images = generate(pipe, [j[1] for j in batch], [j[2] for j in batch], steps=args.steps,
+                          guidance_scale=args.guidance_scale, batch_size=len(batch), height=size, width=size)
+        for (name, _, _), image in zip(batch, images):
+            atomic_write(os.path.join(image_dir, name), lambda tmp, im=image: Image.fromarray(im).save(tmp))
     return len(todo)
 
 
@@ -130,12 +130,21 @@ def main():
             keep_pair.ip_judge = realworld.load_ip_judge(device=args.device)
         except (ValueError, RuntimeError) as error:
             fail(str(error))
+    # Anchors: prompts whose images an expert must leave unchanged (prior preservation), rendered
+    # by the model itself. Toy: every safe combination, in the training phrasing only.
+    anchors = ([line.strip() for line in open(args.anchor_prompts) if line.strip()] if args.anchor_prompts else
+               [] if args.csv or args.llm else
+               toyworld.safe_prompts(toyworld.taxonomy(args.concepts_per_category), template=0) * 2)
+    jobs = [job for p in pairs for job in zip(image_names(p[3]), p[1:3], [args.seed + p[3]] * 2)]
+    jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
     image_dir = os.path.join(args.output_dir, "images")
-    rendered = render_pairs(args, pairs, image_dir)
+    rendered = render(args, jobs, image_dir)
     kept = [p for p in tqdm(pairs, desc=f"filter ({judge})") if keep_pair(judge, image_dir, p)]
-    loser_name, winner_name = zip(*(image_names(p[3]) for p in kept)) if kept else ((), ())
     write_pairs(os.path.join(args.output_dir, "pairs.csv"),
-                [{"category": p[0], "unsafe_prompt": p[1], "safe_prompt": p[2], "loser_image": l, "winner_image": w} for p, l, w in zip(kept, loser_name, winner_name)])
+                [{"category": p[0], "unsafe_prompt": p[1], "safe_prompt": p[2], "loser_image": image_names(p[3])[0],
+                  "winner_image": image_names(p[3])[1]} for p in kept])
+    if anchors:
+        write_anchors(os.path.join(args.output_dir, "anchors.csv"), [(a, f"a_idx_{i}_0.png") for i, a in enumerate(anchors)])
     per_category = {}
     for p in kept:
         per_category[p[0]] = per_category.get(p[0], 0) + 1

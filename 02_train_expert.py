@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import toyworld
 from common import (add_lora, dpo_loss, fail, find_checkpoint, generate, load_checkpoint, load_pipeline,
-                    read_pairs, save_checkpoint, save_lora, seed_everything, write_json)
+                    read_anchors, read_pairs, save_checkpoint, save_lora, seed_everything, write_json)
 
 
 def parse_args():
@@ -42,12 +42,16 @@ def parse_args():
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=4)
     parser.add_argument("--beta", type=float, default=500, help="DPO KL weight (the release uses 5000 on SD 1.5)")
-    parser.add_argument("--sft_weight", type=float, default=0.0,
+    parser.add_argument("--sft_weight", type=float, default=1.0,
                         help="weight of an extra denoising loss on the winner (0 = pure Diffusion-DPO)")
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--anchor_weight", type=float, default=100.0,
+                        help="weight of keeping the reference's prediction on anchor prompts")
+    parser.add_argument("--anchors", help="anchor CSV (prompt,image), default: anchors.csv beside the pairs")
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--train_batch_size", type=int, default=16, help="pairs per step")
     parser.add_argument("--max_train_steps", type=int, default=150)
-    parser.add_argument("--empty_prompt_share", type=float, default=0.2, help="keeps guidance working")
+    parser.add_argument("--empty_prompt_share", type=float, default=0.0,
+                        help="the release uses 0.2; with anchors pinning the unconditional branch, 0 is safer")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--checkpoint_every", type=int, default=50)
     parser.add_argument("--eval_every", type=int, default=0, help="toy model: sample and judge every N steps")
@@ -75,10 +79,21 @@ def load_training_pairs(args):
     return pairs
 
 
+def load_anchors(args, pairs_csv):
+    """(prompt, image path) anchors: the model's own images of prompts the expert must not change."""
+    path = args.anchors or os.path.join(os.path.dirname(pairs_csv), "anchors.csv")
+    if not os.path.exists(path):
+        if args.anchor_weight:
+            fail(f"--anchor_weight needs anchors: no {path} (stage 1 writes it; or pass --anchors CSV)")
+        return []
+    image_dir = os.path.join(os.path.dirname(path), "images")
+    return [(prompt, os.path.join(image_dir, image)) for prompt, image in read_anchors(path)]
+
+
 @torch.no_grad()
-def encode(pipe, pairs, dtype):
-    """Latents of winners and losers, and the text embeddings of the unsafe prompts, computed
-    once: the VAE and the text encoder are frozen."""
+def encode(pipe, pairs, anchors, dtype):
+    """Latents of winners, losers and anchors, text embeddings of the unsafe and the anchor
+    prompts, computed once: the VAE and the text encoder are frozen."""
     def latents(paths):
         out = []
         for i in tqdm(range(0, len(paths), 32), desc="encoding images", leave=False):
@@ -89,10 +104,11 @@ def encode(pipe, pairs, dtype):
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     winners = latents([p["winner_image"] for p in pairs])
     losers = latents([p["loser_image"] for p in pairs])
-    prompts = [p["unsafe_prompt"] for p in pairs] + [""]
+    anchor_latents = latents([image for _, image in anchors]) if anchors else None
+    prompts = [p["unsafe_prompt"] for p in pairs] + [prompt for prompt, _ in anchors] + [""]
     embeds = torch.cat([pipe.encode_prompt(prompts[i:i + 64], pipe.device, 1, False)[0]
                         for i in range(0, len(prompts), 64)]).float()
-    return winners, losers, embeds[:-1], embeds[-1]
+    return winners, losers, anchor_latents, embeds[:len(pairs)], embeds[len(pairs):-1], embeds[-1]
 
 
 def quick_eval(pipe, pairs, seed):
@@ -104,10 +120,10 @@ def quick_eval(pipe, pairs, seed):
     return float(np.mean([toyworld.shows_concept(im, toyworld.parse_prompt(p)[::2]) for im, p in zip(images, prompts)]))
 
 
-def train(args, pipe, pairs):
+def train(args, pipe, pairs, anchors):
     unet = pipe.unet
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    winners, losers, prompt_embeds, empty_embed = encode(pipe, pairs, weight_dtype)
+    winners, losers, anchor_latents, prompt_embeds, anchor_embeds, empty_embed = encode(pipe, pairs, anchors, weight_dtype)
     lora_params = add_lora(unet, args.rank, args.alpha)
     for p in lora_params:  # the LoRA trains in fp32 even when the UNet runs in half precision
         p.data = p.data.float()
@@ -131,17 +147,30 @@ def train(args, pipe, pairs):
         cond = prompt_embeds[idx].clone()
         cond[torch.rand(len(idx), generator=g) < args.empty_prompt_share] = empty_embed
         # Winner and loser get the same noise and timestep: only the image differs.
-        noisy = torch.cat([scheduler.add_noise(winners[idx], noise, t), scheduler.add_noise(losers[idx], noise, t)])
-        t2, cond2 = torch.cat([t, t]), torch.cat([cond, cond])
+        noisy = [scheduler.add_noise(winners[idx], noise, t), scheduler.add_noise(losers[idx], noise, t)]
+        conds, ts = [cond, cond], [t, t]
+        if args.anchor_weight:  # a third block: anchor images under their own prompts
+            a = torch.randint(len(anchor_latents), (len(idx),), generator=g)
+            noisy.append(scheduler.add_noise(anchor_latents[a], noise, t))
+            anchor_cond = anchor_embeds[a].clone()  # half of them empty: guidance's unconditional
+            anchor_cond[torch.rand(len(a), generator=g) < 0.5] = empty_embed  # branch is shared by all prompts
+            conds.append(anchor_cond)
+            ts.append(t)
+        noisy, t3, cond3 = torch.cat(noisy).to(weight_dtype), torch.cat(ts), torch.cat(conds).to(weight_dtype)
+        blocks = len(conds)
         with torch.autocast(args.device.split(":")[0], weight_dtype, enabled=args.mixed_precision != "no"):
             with torch.no_grad():  # the reference: the same UNet with the expert switched off
                 unet.disable_adapters()
-                ref_w, ref_l = unet(noisy.to(weight_dtype), t2, cond2.to(weight_dtype)).sample.chunk(2)
+                ref_w, ref_l, *ref_a = unet(noisy, t3, cond3).sample.chunk(blocks)
                 unet.enable_adapters()  # also turns requires_grad back on for the LoRA weights
-            model_w, model_l = unet(noisy.to(weight_dtype), t2, cond2.to(weight_dtype)).sample.chunk(2)
+            model_w, model_l, *model_a = unet(noisy, t3, cond3).sample.chunk(blocks)
         loss, stats = dpo_loss(model_w, model_l, ref_w, ref_l, noise, args.beta)
-        if args.sft_weight:  # optional: also plainly denoise the winner under the unsafe prompt
+        if args.sft_weight:  # also plainly denoise the winner under the unsafe prompt
             loss = loss + args.sft_weight * F.mse_loss(model_w.float(), noise.float())
+        if args.anchor_weight:  # prior preservation: on anchor prompts, stay the reference
+            drift = F.mse_loss(model_a[0].float(), ref_a[0].float())
+            stats["anchor_drift"] = drift.item()
+            loss = loss + args.anchor_weight * drift
         if not torch.isfinite(loss):
             fail(f"loss is {loss.item()} at step {step}; the last good checkpoint is kept in {checkpoint_dir}")
         optimizer.zero_grad()
@@ -167,7 +196,7 @@ def main():
     pairs = load_training_pairs(args)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     pipe = load_pipeline(args.model, args.device, dtype)
-    log = train(args, pipe, pairs)
+    log = train(args, pipe, pairs, load_anchors(args, args.pairs or os.path.join(args.data, "pairs.csv")))
     from peft.utils import get_peft_model_state_dict
     save_lora(args.output_dir, get_peft_model_state_dict(pipe.unet), args.rank, args.alpha,
               {"base_model": args.model, "category": args.category, "pairs": len(pairs),

@@ -217,6 +217,22 @@ def write_pairs(path, pairs):
     atomic_write(path, write)
 
 
+def write_anchors(path, rows):
+    """Anchor prompts and the model's own images of them (prompt,image), for prior preservation."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([["prompt", "image"], *rows])
+    atomic_write(path, write)
+
+
+def read_anchors(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"prompt", "image"} <= set(rows[0]):
+        fail(f"{path}: expected columns prompt,image")
+    return [(r["prompt"], r["image"]) for r in rows]
+
+
 def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)

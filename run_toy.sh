@@ -12,6 +12,7 @@ for category in "${CATEGORIES[@]}"; do                                # one safe
   python 02_train_expert.py --data data/toy --category "$category" --output_dir "$dir"
   experts+=("$dir")
 done
-python 02_train_expert.py --data data/toy --category all --output_dir experts/all   # the release's recipe
+# One LoRA on all pairs (the release's recipe), with the compute of all experts together.
+python 02_train_expert.py --data data/toy --category all --output_dir experts/all --max_train_steps $((150 * ${#CATEGORIES[@]}))
 python 03_merge.py "${experts[@]}" --method comerge --data data/toy --output_dir merged/comerge
 python 04_evaluate.py --lora co-merge=merged/comerge all-data=experts/all --output_dir results/toy

@@ -1,0 +1,23 @@
+"""bench.py on the toy architecture with one step: every row measured, the table printable."""
+import pytest
+
+import bench
+
+
+def test_bench_toy_measures_every_row(toy_model):
+    args = bench.parse_args(["--arch", "toy", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                             "--batch_size", "2", "--gen_images", "2", "--gen_steps", "2"])
+    rows = bench.run(args)
+    names = [name for name, _ in rows]
+    assert names == ["DPO step, reference = adapters off", "DPO step, reference = second UNet",
+                     "generation, batch 2", "generation, one at a time"]
+    for name, m in rows:
+        assert m["rate"] > 0 and m["memory"] is None, name  # peak memory is measured on CUDA only
+    for _, m in rows[:2]:
+        assert m["tflops"] > 0 and m["gflop_per_pair"] > 0
+    # both ways of computing the reference run the same UNet passes: same FLOPs
+    assert rows[0][1]["gflop_per_pair"] == pytest.approx(rows[1][1]["gflop_per_pair"])
+    text = bench.table(rows, peak_tflops=None)
+    assert all(name in text for name in names) and "pairs/s" in text and "images/s" in text
+    with pytest.raises(SystemExit, match="--steps must be at least 1"):
+        bench.parse_args(["--steps", "0"])
