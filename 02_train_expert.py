@@ -165,6 +165,7 @@ def train(args, pipe, pairs, anchors):
                 unet.enable_adapters()  # also turns requires_grad back on for the LoRA weights
             model_w, model_l, *model_a = unet(noisy, t3, cond3).sample.chunk(blocks)
         loss, stats = dpo_loss(model_w, model_l, ref_w, ref_l, noise, args.beta)
+        stats["dpo_loss"] = loss.item()
         if args.sft_weight:  # also plainly denoise the winner under the unsafe prompt
             loss = loss + args.sft_weight * F.mse_loss(model_w.float(), noise.float())
         if args.anchor_weight:  # prior preservation: on anchor prompts, stay the reference

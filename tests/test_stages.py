@@ -43,7 +43,9 @@ def test_generate_writes_official_layout_and_resumes_identically(work, toy_model
 
 def test_training_starts_at_ln2_and_logs(work):
     log = json.load(open(work / "Violence" / "log.json"))["log"]
-    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the LoRA starts as a no-op: policy == reference
+    # the LoRA starts as a no-op: policy == reference, so the DPO term is ln 2 and anchors have not drifted
+    assert log[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert log[0]["anchor_drift"] == pytest.approx(0.0, abs=1e-10)
     assert [s["step"] for s in log] == [1, 2, 3]
     info = json.load(open(work / "Violence" / "lora.json"))
     assert (info["rank"], info["category"]) == (4, "Violence")
@@ -51,7 +53,7 @@ def test_training_starts_at_ln2_and_logs(work):
 
 def test_expert_loads_into_a_plain_pipeline_and_changes_it(work, toy_model):
     from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(toy_model, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(toy_model, safety_checker=None, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     prompt = "a red circle on a black background"
 
@@ -82,7 +84,7 @@ def test_merged_lora_loads_with_plain_load_lora_weights(work, toy_model, method)
     info, layers = read_lora(str(out))
     assert info["rank"] == 8 and all(a.shape[0] == 8 for a, _ in layers.values())
     from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(toy_model, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(toy_model, safety_checker=None, dtype=torch.float32)
     pipe.load_lora_weights(str(out))
 
 
