@@ -13,7 +13,6 @@ It only drives the four stage scripts (so it measures exactly what a user runs) 
 resumable: finished stage outputs are reused on a rerun.
 """
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -53,34 +52,21 @@ def slug(category):
     return category.lower().replace(" ", "-")
 
 
-def subset_pairs(data, scale):
-    """pairs.csv rows of the concepts in taxonomy(scale): smaller taxonomies are subsets of the largest."""
-    unsafe = {c["unsafe"] for c in toyworld.taxonomy(scale)}
-    path = os.path.join(data, f"pairs_x{scale}.csv")
-    with open(os.path.join(data, "pairs.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
-    unsafe_index = {r["image"][2:] for r in rows
-                    if r["image"].startswith("u_") and toyworld.parse_prompt(r["prompt"])[::2] in unsafe}
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["prompt", "image", "category"])
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in writer.fieldnames} for r in rows if r["image"][2:] in unsafe_index)
-    return path
-
-
 def run_seed(args, seed, root):
     """All stages for one seed; returns {scale: results.json of stage 4}."""
-    data = os.path.join(root, "data")
-    stage("01_generate_data.py", "--output_dir", data, "--concepts_per_category", max(args.scales),
-          "--pairs_per_concept", args.pairs_per_concept, "--seed", seed * 100_000)
     results = {}
-    for scale in args.scales:
-        pairs, work = subset_pairs(data, scale), os.path.join(root, f"x{scale}")
+    for scale in args.scales:  # each scale its own pairs and anchors (its safe prompts differ)
+        work = os.path.join(root, f"x{scale}")
+        data = os.path.join(work, "data")
+        stage("01_generate_data.py", "--output_dir", data, "--concepts_per_category", scale,
+              "--pairs_per_concept", args.pairs_per_concept, "--seed", seed * 100_000)
+        pairs = os.path.join(data, "pairs.csv")
         variants = {}
         for category in CATEGORIES + ["all"]:
             out = os.path.join(work, "experts", slug(category))
+            steps = 150 * (len(CATEGORIES) if category == "all" else 1)  # all-data: the experts' compute
             stage("02_train_expert.py", "--pairs", pairs, "--category", category, "--output_dir", out,
-                  "--seed", seed, *args.train_args.split())
+                  "--seed", seed, "--max_train_steps", steps, *args.train_args.split())
             if category == "all":
                 variants["all-data"] = out
             elif scale == args.main_scale:
