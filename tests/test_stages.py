@@ -133,3 +133,13 @@ def test_bad_input_ends_with_one_clear_line(work, args, message):
     args = [a.format(data=work / "data", work=work) for a in args]
     result = run_stage(*args, check=False)
     assert result.returncode != 0 and message in error_line(result) and error_line(result).startswith("error:")
+
+
+def test_bf16_training_keeps_the_lora_in_fp32(work, toy_model):
+    out = work / "bf16"
+    run_stage("02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category", "Hate",
+              "--output_dir", str(out), "--mixed_precision", "bf16", *TINY_TRAIN)
+    log = json.load(open(out / "log.json"))["log"]
+    assert all(math.isfinite(s["loss"]) for s in log)
+    from safetensors.torch import load_file
+    assert all(t.dtype == torch.float32 for t in load_file(str(out / "pytorch_lora_weights.safetensors")).values())
