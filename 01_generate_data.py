@@ -15,7 +15,8 @@ the prompts are used, the images are rendered anew by *this* model), or from an 
 
 Output: <output_dir>/images/{u,s}_idx_N_0.png, pairs.csv in the CoProV2 layout, settings.json, and
 anchors.csv (prompt,image): images the model draws for prompts an expert must leave unchanged.
-Rerunning after an interruption skips the pairs already rendered and ends identical.
+Rerunning after an interruption skips the pairs already rendered and ends identical. Under torchrun
+(`torchrun --nproc_per_node 8 01_generate_data.py ...`) each process renders a disjoint slice.
 """
 import argparse
 import json
@@ -27,8 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (atomic_write, fail, generate, load_pipeline, read_pairs, seed_everything,
-                    write_anchors, write_json, write_pairs)
+from common import (atomic_write, barrier, fail, generate, init_distributed, load_pipeline, read_pairs,
+                    seed_everything, write_anchors, write_json, write_pairs)
 
 
 def parse_args():
@@ -138,7 +139,13 @@ def main():
     jobs = [job for p in pairs for job in zip(image_names(p[3]), p[1:3], [args.seed + p[3]] * 2)]
     jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
     image_dir = os.path.join(args.output_dir, "images")
-    rendered = render(args, jobs, image_dir)
+    rank, world = init_distributed()  # under torchrun each rank renders its own slice
+    if world > 1 and args.device.startswith("cuda"):
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    rendered = render(args, jobs[rank::world], image_dir)
+    barrier()
+    if rank != 0:
+        return
     kept = [p for p in tqdm(pairs, desc=f"filter ({judge})") if keep_pair(judge, image_dir, p)]
     write_pairs(os.path.join(args.output_dir, "pairs.csv"),
                 [{"category": p[0], "unsafe_prompt": p[1], "safe_prompt": p[2], "loser_image": image_names(p[3])[0],

@@ -233,6 +233,26 @@ def read_anchors(path):
     return [(r["prompt"], r["image"]) for r in rows]
 
 
+def init_distributed():
+    """(rank, world size) under torchrun, else (0, 1). Stages split their work by rank; a barrier
+    (gloo on CPU, nccl on GPUs) lets rank 0 write the shared outputs once every slice is done."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), world
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
