@@ -30,6 +30,7 @@ def parse_args():
     parser.add_argument("experts", nargs="+", help="expert folders written by 02_train_expert.py")
     parser.add_argument("--method", choices=["comerge", "linear", "ties", "cat"], default="comerge")
     parser.add_argument("--rank", type=int, help="rank of the merged LoRA (default: the experts' ranks summed)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the merged delta (task-arithmetic lambda)")
     parser.add_argument("--density", type=float, default=0.5, help="ties: share of each delta kept")
     parser.add_argument("--data", default="data/toy", help="co-merge: pairs.csv whose prompts drive the activations")
     parser.add_argument("--prompts_per_expert", type=int, default=16)
@@ -137,6 +138,7 @@ def main():
         merged = co_merge(deltas, record_activations(args, infos, args.experts))
     else:
         merged = peft_merge(args.method, deltas, args.density)
+    merged = {name: delta * args.scale for name, delta in merged.items()}
     layers, error = factorize(merged, rank)
     save_lora(args.output_dir, layers, rank, rank,  # alpha = rank: the factors carry the scale
               {"base_model": infos[0]["base_model"], "category": "merged", "method": args.method,
