@@ -11,7 +11,8 @@ reference is the same UNet with the LoRA switched off, so no second UNet sits in
 SD 1.5 (the release's settings: beta 5000, lr 1e-5 x batch, 2000 steps, fp16):
     python 02_train_expert.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --data data/coprov2 \\
         --category Violence --beta 5000 --learning_rate 1e-5 --train_batch_size 1 \\
-        --max_train_steps 2000 --sft_weight 0 --mixed_precision fp16
+        --max_train_steps 2000 --mixed_precision fp16 --sft_weight 0 --anchor_weight 0 --empty_prompt_share 0.2
+(drop the last three flags to keep this repository's winner SFT and anchors; stage 1 --anchor_prompts renders them)
 
 Output: <output_dir>/pytorch_lora_weights.safetensors (diffusers format), lora.json, log.json.
 A killed run resumes from <output_dir>/checkpoint/.
