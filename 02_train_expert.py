@@ -5,6 +5,12 @@ its safe counterpart). Conditioned on the *unsafe* prompt, the expert learns to 
 it should denoise the winner better, and the loser worse, than the reference model does. The
 reference is the same UNet with the LoRA switched off, so no second UNet sits in memory.
 
+On the toy model pure Diffusion-DPO saturates (loss ~0, implicit accuracy 1.0) without changing
+what the model samples. Two additions make it work (README, "What made DPO remove a concept"):
+a denoising loss on the winner under the unsafe prompt (--sft_weight), and prior preservation
+(--anchor_weight): on anchor images of safe prompts, the expert must predict what the reference
+predicts, so that it removes its concept and nothing else.
+
     python 02_train_expert.py --category Violence           # one expert -> experts/violence
     python 02_train_expert.py --category all                # one LoRA on all pairs: the official
                                                             # release's recipe, the baseline to beat
