@@ -38,6 +38,8 @@ import toyworld
 from common import (add_lora, dpo_loss, fail, find_checkpoint, generate, load_checkpoint, load_pipeline,
                     read_anchors, read_pairs, save_checkpoint, save_lora, seed_everything, write_json)
 
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,7 +131,7 @@ def quick_eval(pipe, pairs, seed):
 
 def train(args, pipe, pairs, anchors):
     unet = pipe.unet
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    weight_dtype = DTYPES[args.mixed_precision]
     winners, losers, anchor_latents, prompt_embeds, anchor_embeds, empty_embed = encode(pipe, pairs, anchors, weight_dtype)
     lora_params = add_lora(unet, args.rank, args.alpha)
     for p in lora_params:  # the LoRA trains in fp32 even when the UNet runs in half precision
@@ -138,8 +140,8 @@ def train(args, pipe, pairs, anchors):
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
     scheduler = pipe.scheduler
     checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
-    start = load_checkpoint(find_checkpoint(checkpoint_dir), {"lora": lora_params}, optimizer) \
-        if find_checkpoint(checkpoint_dir) else 0
+    state = find_checkpoint(checkpoint_dir)
+    start = load_checkpoint(state, {"lora": lora_params}, optimizer) if state else 0
     toy = args.eval_every and all(toyworld.parse_prompt(p["unsafe_prompt"]) for p in pairs)
     log_path = os.path.join(args.output_dir, "log.json")
     log = [s for s in json.load(open(log_path))["log"] if s["step"] <= start] if start and os.path.exists(log_path) else []
@@ -202,8 +204,7 @@ def main():
     seed_everything(args.seed)
     started = time.time()
     pairs = load_training_pairs(args)
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    pipe = load_pipeline(args.model, args.device, dtype)
+    pipe = load_pipeline(args.model, args.device, DTYPES[args.mixed_precision])
     log = train(args, pipe, pairs, load_anchors(args, args.pairs or os.path.join(args.data, "pairs.csv")))
     from peft.utils import get_peft_model_state_dict
     save_lora(args.output_dir, get_peft_model_state_dict(pipe.unet), args.rank, args.alpha,

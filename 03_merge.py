@@ -22,7 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import LORA_TARGETS, fail, generate, load_pipeline, read_lora, read_pairs, save_lora, write_json
+from common import LORA_TARGETS, fail, generate, load_pipeline, read_lora, read_pairs, save_lora
 
 
 def parse_args():

@@ -1,7 +1,6 @@
 """The four stages run as a user runs them, on the toy model with tiny settings."""
 import json
 import math
-import os
 import shutil
 
 import numpy as np
