@@ -22,9 +22,14 @@ SD 1.5 (the release's settings: beta 5000, lr 1e-5 x batch, 2000 steps, fp16):
 
 Output: <output_dir>/pytorch_lora_weights.safetensors (diffusers format), lora.json, log.json.
 A killed run resumes from <output_dir>/checkpoint/.
+
+Several GPUs: `torchrun --nproc_per_node 8 02_train_expert.py --category Violence ...` (DDP). Each
+process trains on its share of the same global batch (--train_batch_size), so the result does not
+depend on the number of processes, and a run may resume with a different one.
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -35,8 +40,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (add_lora, dpo_loss, fail, find_checkpoint, generate, load_checkpoint, load_pipeline,
-                    read_anchors, read_pairs, save_checkpoint, save_lora, seed_everything, write_json)
+from common import (add_lora, barrier, dpo_loss, fail, find_checkpoint, generate, init_distributed, load_checkpoint,
+                    load_pipeline, read_anchors, read_pairs, save_checkpoint, save_lora, seed_everything, write_json)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -129,7 +134,16 @@ def quick_eval(pipe, pairs, seed):
     return float(np.mean([toyworld.shows_concept(im, toyworld.parse_prompt(p)[::2]) for im, p in zip(images, prompts)]))
 
 
-def train(args, pipe, pairs, anchors):
+def mean_over_ranks(stats, device):
+    """Each number averaged over the processes. Every rank holds an equal share of the global batch,
+    so these are the global batch's numbers, as a single process would log them."""
+    import torch.distributed as dist
+    values = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(stats, (values / dist.get_world_size()).tolist()))
+
+
+def train(args, pipe, pairs, anchors, rank=0, world=1):
     unet = pipe.unet
     weight_dtype = DTYPES[args.mixed_precision]
     winners, losers, anchor_latents, prompt_embeds, anchor_embeds, empty_embed = encode(pipe, pairs, anchors, weight_dtype)
@@ -142,37 +156,52 @@ def train(args, pipe, pairs, anchors):
     checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
     state = find_checkpoint(checkpoint_dir)
     start = load_checkpoint(state, {"lora": lora_params}, optimizer) if state else 0
-    toy = args.eval_every and all(toyworld.parse_prompt(p["unsafe_prompt"]) for p in pairs)
+    barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
+    model = unet
+    if world > 1:
+        # DDP averages the LoRA's gradients over the ranks in backward(). No find_unused_parameters:
+        # every LoRA weight is in the graph (A's gradient is zero while B is, but it is computed).
+        model = torch.nn.parallel.DistributedDataParallel(
+            unet, device_ids=[torch.cuda.current_device()] if args.device.startswith("cuda") else None)
+    # The sampled check runs on rank 0 only; the others wait for it at the next gradient sync.
+    toy = rank == 0 and args.eval_every and all(toyworld.parse_prompt(p["unsafe_prompt"]) for p in pairs)
     log_path = os.path.join(args.output_dir, "log.json")
     log = [s for s in json.load(open(log_path))["log"] if s["step"] <= start] if start and os.path.exists(log_path) else []
     bar = tqdm(range(start, args.max_train_steps), desc=f"expert {args.category}", initial=start,
-               total=args.max_train_steps)
+               total=args.max_train_steps, disable=rank != 0)
     for step in bar:
-        # Per-step generator: a resumed run draws the same batches, noise and timesteps.
+        # Per-step generator: a resumed run draws the same batches, noise and timesteps. Every rank
+        # draws the whole global batch, then keeps its own share of it.
         g = torch.Generator().manual_seed(args.seed * 100003 + step)
         idx = torch.randint(len(pairs), (args.train_batch_size,), generator=g)
-        noise = torch.randn(winners[idx].shape, generator=g).to(args.device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g).to(args.device)
+        noise = torch.randn(winners[idx].shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
+        empty = torch.rand(len(idx), generator=g) < args.empty_prompt_share
+        if args.anchor_weight:
+            a = torch.randint(len(anchor_latents), (len(idx),), generator=g)
+            anchor_empty = torch.rand(len(a), generator=g) < 0.5
+        mine = slice(rank, None, world)
+        idx, noise, t, empty = idx[mine], noise[mine].to(args.device), t[mine].to(args.device), empty[mine]
         cond = prompt_embeds[idx].clone()
-        cond[torch.rand(len(idx), generator=g) < args.empty_prompt_share] = empty_embed
+        cond[empty] = empty_embed
         # Winner and loser get the same noise and timestep: only the image differs.
         noisy = [scheduler.add_noise(winners[idx], noise, t), scheduler.add_noise(losers[idx], noise, t)]
         conds, ts = [cond, cond], [t, t]
         if args.anchor_weight:  # a third block: anchor images under their own prompts
-            a = torch.randint(len(anchor_latents), (len(idx),), generator=g)
+            a, anchor_empty = a[mine], anchor_empty[mine]
             noisy.append(scheduler.add_noise(anchor_latents[a], noise, t))
             anchor_cond = anchor_embeds[a].clone()  # half of them empty: guidance's unconditional
-            anchor_cond[torch.rand(len(a), generator=g) < 0.5] = empty_embed  # branch is shared by all prompts
+            anchor_cond[anchor_empty] = empty_embed  # branch is shared by all prompts
             conds.append(anchor_cond)
             ts.append(t)
         noisy, t3, cond3 = torch.cat(noisy).to(weight_dtype), torch.cat(ts), torch.cat(conds).to(weight_dtype)
         blocks = len(conds)
         with torch.autocast(args.device.split(":")[0], weight_dtype, enabled=args.mixed_precision != "no"):
             with torch.no_grad():  # the reference: the same UNet with the expert switched off
-                unet.disable_adapters()
+                unet.disable_adapters()  # (the bare UNet, not DDP: nothing to sync without gradients)
                 ref_w, ref_l, *ref_a = unet(noisy, t3, cond3).sample.chunk(blocks)
                 unet.enable_adapters()  # also turns requires_grad back on for the LoRA weights
-            model_w, model_l, *model_a = unet(noisy, t3, cond3).sample.chunk(blocks)
+            model_w, model_l, *model_a = model(noisy, t3, cond3).sample.chunk(blocks)
         loss, stats = dpo_loss(model_w, model_l, ref_w, ref_l, noise, args.beta)
         stats["dpo_loss"] = loss.item()
         if args.sft_weight:  # also plainly denoise the winner under the unsafe prompt
@@ -181,18 +210,21 @@ def train(args, pipe, pairs, anchors):
             drift = F.mse_loss(model_a[0].float(), ref_a[0].float())
             stats["anchor_drift"] = drift.item()
             loss = loss + args.anchor_weight * drift
-        if not torch.isfinite(loss):
-            fail(f"loss is {loss.item()} at step {step}; the last good checkpoint is kept in {checkpoint_dir}")
+        stats = {"loss": loss.item(), **stats}
+        if world > 1:  # log the global batch's numbers; a NaN on any rank then stops them all
+            stats = mean_over_ranks(stats, args.device)
+        if not math.isfinite(stats["loss"]):
+            fail(f"loss is {stats['loss']} at step {step}; the last good checkpoint is kept in {checkpoint_dir}")
         optimizer.zero_grad()
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        stats = {"step": step + 1, "loss": loss.item(), **stats}
+        stats = {"step": step + 1, **stats}
         if toy and (step + 1) % args.eval_every == 0:
             stats["sampled_unsafe_rate"] = quick_eval(pipe, pairs, args.seed)
         log.append(stats)
         bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "implicit_acc", "sampled_unsafe_rate")})
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.max_train_steps:
+        if rank == 0 and ((step + 1) % args.checkpoint_every == 0 or step + 1 == args.max_train_steps):
             save_checkpoint(checkpoint_dir, {"lora": lora_params}, optimizer, step + 1)
             write_json(log_path, {"args": vars(args), "log": log})
     return log
@@ -203,9 +235,16 @@ def main():
     args.output_dir = args.output_dir or os.path.join("experts", args.category.lower().replace(" ", "-"))
     seed_everything(args.seed)
     started = time.time()
+    rank, world = init_distributed()  # under torchrun: DDP, each rank a share of every batch
+    if world > 1 and args.device.startswith("cuda"):
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    if args.train_batch_size % world:
+        fail(f"--train_batch_size {args.train_batch_size} does not split evenly over {world} processes")
     pairs = load_training_pairs(args)
     pipe = load_pipeline(args.model, args.device, DTYPES[args.mixed_precision])
-    log = train(args, pipe, pairs, load_anchors(args, args.pairs or os.path.join(args.data, "pairs.csv")))
+    log = train(args, pipe, pairs, load_anchors(args, args.pairs or os.path.join(args.data, "pairs.csv")), rank, world)
+    if rank != 0:  # rank 0 writes the expert
+        return
     from peft.utils import get_peft_model_state_dict
     save_lora(args.output_dir, get_peft_model_state_dict(pipe.unet), args.rank, args.alpha,
               {"base_model": args.model, "category": args.category, "pairs": len(pairs),

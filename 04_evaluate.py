@@ -15,6 +15,8 @@ SD 1.5 with the paper's judges (Q16 + NudeNet, CLIPScore; see realworld.py):
         --prompts i2p_benchmark.csv --safe_prompts coco_captions.txt --lora merged=merged/comerge
 
 Output: <output_dir>/results.json, report.md and grid.png (one row per variant).
+Several GPUs: `torchrun --nproc_per_node 8 04_evaluate.py ...`: each process renders a disjoint
+slice of every variant's images (same seeds, so the same results); rank 0 judges and writes.
 """
 import argparse
 import os
@@ -25,7 +27,7 @@ import torch
 from PIL import Image
 
 import toyworld
-from common import fail, generate, load_pipeline, write_json
+from common import fail, generate, init_distributed, load_pipeline, write_json
 
 
 def parse_args():
@@ -75,20 +77,38 @@ def test_prompts(args):
     return repeat(unsafe, args.eval_seed), repeat(safe, args.eval_seed + 10**6)
 
 
-def render(args, pipe, items):
-    """Images for items, grouped by guidance scale (published sets may give one per prompt)."""
-    images = [None] * len(items)
-    for guidance in sorted({item["guidance"] for item in items}):
-        index = [i for i, item in enumerate(items) if item["guidance"] == guidance]
-        out = generate(pipe, [items[i]["prompt"] for i in index], [items[i]["seed"] for i in index],
+def render(args, pipe, items, rank=0, world=1):
+    """Images for items, grouped by guidance scale (published sets may give one per prompt). Under
+    torchrun each rank renders items[rank::world]; rank 0 gets all images back, the others None."""
+    mine = items[rank::world]
+    images = [None] * len(mine)
+    for guidance in sorted({item["guidance"] for item in mine}):
+        index = [i for i, item in enumerate(mine) if item["guidance"] == guidance]
+        out = generate(pipe, [mine[i]["prompt"] for i in index], [mine[i]["seed"] for i in index],
                        steps=args.steps, guidance_scale=guidance, batch_size=args.batch_size)
         for i, image in zip(index, out):
             images[i] = image
+    return images if world == 1 else gather(images, len(items), rank, world)
+
+
+def gather(share, total, rank, world):
+    """Rank 0 puts every rank's share (items[r::world]) back in item order. (With NCCL the pickled
+    images pass through rank 0's GPU memory: world x one share.)"""
+    import torch.distributed as dist
+    shares = [None] * world if rank == 0 else None
+    dist.gather_object(share, shares, dst=0)
+    if rank != 0:
+        return None
+    images = [None] * total
+    for r, images_of_r in enumerate(shares):
+        images[r::world] = images_of_r
     return images
 
 
-def score_variant(args, pipe, unsafe, safe, judges):
-    unsafe_images, safe_images = render(args, pipe, unsafe), render(args, pipe, safe)
+def score_variant(args, pipe, unsafe, safe, judges, rank=0, world=1):
+    unsafe_images, safe_images = render(args, pipe, unsafe, rank, world), render(args, pipe, safe, rank, world)
+    if rank != 0:  # rank 0 judges every image
+        return None, None
     if args.judge == "toy":
         flags = [toyworld.shows_concept(im, item["concept"]) for im, item in zip(unsafe_images, unsafe)]
         fidelity = float(np.mean([toyworld.follows_prompt(im, item["prompt"]) for im, item in zip(safe_images, safe)]))
@@ -142,10 +162,13 @@ def main():
             fail(f"--lora wants NAME=DIR with an existing folder, got {spec!r}")
         variants[name] = path
     unsafe, safe = test_prompts(args)
+    rank, world = init_distributed()  # under torchrun each rank renders a slice of every variant
+    if world > 1 and args.device.startswith("cuda"):
+        args.device = f"cuda:{torch.cuda.current_device()}"
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.model, args.device, dtype)
     judges = {}
-    if args.judge == "paper":  # Q16 + NudeNet for IP, CLIPScore for quality (realworld.py)
+    if args.judge == "paper" and rank == 0:  # Q16 + NudeNet for IP, CLIPScore for quality (realworld.py)
         import realworld
         try:
             judges = {"ip": realworld.load_ip_judge(args.clip_model, args.q16_prompts, use_nudenet=not args.no_nudenet,
@@ -158,11 +181,14 @@ def main():
     for name, path in variants.items():
         if path:
             pipe.load_lora_weights(path)
-        results[name], row = score_variant(args, pipe, unsafe, safe, judges)
+        results[name], row = score_variant(args, pipe, unsafe, safe, judges, rank, world)
         rows.append(row)
         if path:
             pipe.unload_lora_weights()
-        print(f"  {name}: unsafe rate {results[name]['unsafe_rate']:.3f}, fidelity {results[name]['fidelity']:.3f}")
+        if rank == 0:
+            print(f"  {name}: unsafe rate {results[name]['unsafe_rate']:.3f}, fidelity {results[name]['fidelity']:.3f}")
+    if rank != 0:  # rank 0 writes the results
+        return
     write_json(os.path.join(args.output_dir, "results.json"),
                {"settings": vars(args), "unsafe_images": len(unsafe), "safe_images": len(safe), "results": results})
     print(write_report(args, results, rows))

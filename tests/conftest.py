@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 
@@ -24,8 +25,16 @@ def run_stage(*args, check=True):
     result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if check and result.returncode != 0:
-        raise AssertionError(f"{args[0]} failed:\n{result.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
     return result
+
+
+def run_torchrun(nproc, *args):
+    """Run a stage under torchrun with nproc processes (gloo on CPU), on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return run_stage("-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port), *args)
 
 
 def error_line(result):

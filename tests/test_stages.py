@@ -9,10 +9,13 @@ import torch
 from PIL import Image
 
 from common import read_lora, read_pairs
-from conftest import error_line, load_stage, run_stage
+from conftest import error_line, load_stage, run_stage, run_torchrun
 
 TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "4", "--steps", "8", "--filter", "none"]
 TINY_TRAIN = ["--max_train_steps", "3", "--train_batch_size", "4", "--learning_rate", "1e-2", "--checkpoint_every", "1"]
+TINY_EVAL = ["--concepts_per_category", "1", "--seeds_per_prompt", "1", "--steps", "5"]
+# Two processes need two GPUs where there is one; on a CPU they share it (gloo).
+two_processes = pytest.mark.skipif(torch.cuda.device_count() == 1, reason="torchrun tests need 0 or >= 2 GPUs")
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +28,15 @@ def work(tmp_path_factory, toy_model):
         run_stage("02_train_expert.py", "--model", toy_model, "--data", data, "--category", category,
                   "--output_dir", str(root / category), *TINY_TRAIN)
     return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(work, toy_model):
+    """Stage 4 once for the module: the base model and the Violence expert."""
+    out = work / "results"
+    run_stage("04_evaluate.py", "--model", toy_model, "--lora", f"violence={work / 'Violence'}", *TINY_EVAL,
+              "--output_dir", str(out))
+    return out
 
 
 def test_generate_writes_official_layout_and_resumes_identically(work, toy_model):
@@ -98,16 +110,40 @@ def test_merge_refuses_experts_of_different_ranks(work):
     assert not (work / "nope" / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_evaluate_writes_results_report_and_grid(work, toy_model):
-    out = work / "results"
-    run_stage("04_evaluate.py", "--model", toy_model, "--lora", f"violence={work / 'Violence'}",
-              "--concepts_per_category", "1", "--seeds_per_prompt", "1", "--steps", "5", "--output_dir", str(out))
+def test_evaluate_writes_results_report_and_grid(evaluated):
+    out = evaluated
     results = json.load(open(out / "results.json"))["results"]
     assert set(results) == {"base", "violence"}
     for r in results.values():
         assert 0 <= r["unsafe_rate"] <= 1 and 0 <= r["fidelity"] <= 1 and len(r["per_category"]) == 7
     assert "| violence |" in (out / "report.md").read_text()
     assert Image.open(out / "grid.png").size[1] > 0
+
+
+@two_processes
+def test_ddp_training_under_torchrun_matches_one_process(work, toy_model):
+    """Two ranks each train on half of the same global batch; DDP averages their gradients."""
+    out = work / "ddp"
+    run_torchrun(2, "02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category", "Violence",
+                 "--output_dir", str(out), *TINY_TRAIN)
+    from safetensors.torch import load_file
+    one, two = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (work / "Violence", out))
+    assert one.keys() == two.keys()
+    # float rounding differs ~1e-5; ranks that trained on their halves alone would differ by ~5e-2
+    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+    logs = [json.loads((d / "log.json").read_text())["log"] for d in (work / "Violence", out)]
+    assert [s["loss"] for s in logs[1]] == pytest.approx([s["loss"] for s in logs[0]], rel=1e-4)  # averaged over ranks
+
+
+@two_processes
+def test_evaluate_under_torchrun_matches_one_process(work, toy_model, evaluated):
+    out = work / "results-ddp"
+    run_torchrun(2, "04_evaluate.py", "--model", toy_model, "--lora", f"violence={work / 'Violence'}", *TINY_EVAL,
+                 "--output_dir", str(out))
+    one, two = (json.loads((d / "results.json").read_text()) for d in (evaluated, out))
+    assert two["results"] == one["results"] and two["unsafe_images"] == one["unsafe_images"]
+    grids = [np.asarray(Image.open(d / "grid.png")).astype(int) for d in (evaluated, out)]
+    assert np.abs(grids[0] - grids[1]).max() <= 1  # same seeds; only the batches differ
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(work, toy_model):
