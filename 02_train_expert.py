@@ -67,6 +67,8 @@ def parse_args():
     parser.add_argument("--empty_prompt_share", type=float, default=0.0,
                         help="the release uses 0.2; with anchors pinning the unconditional branch, 0 is safer")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="recompute the UNet's activations in backward: less memory, ~1/3 more compute")
     parser.add_argument("--checkpoint_every", type=int, default=50)
     parser.add_argument("--eval_every", type=int, default=0, help="toy model: sample and judge every N steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -148,6 +150,8 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
     weight_dtype = DTYPES[args.mixed_precision]
     winners, losers, anchor_latents, prompt_embeds, anchor_embeds, empty_embed = encode(pipe, pairs, anchors, weight_dtype)
     lora_params = add_lora(unet, args.rank, args.alpha)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     for p in lora_params:  # the LoRA trains in fp32 even when the UNet runs in half precision
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate)

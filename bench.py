@@ -39,7 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed DPO steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (and one untimed generation)")
     parser.add_argument("--mixed_precision", choices=list(DTYPES), default="no")
-    parser.add_argument("--gen_images", type=int, default=8)
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="as 02_train_expert.py's flag")
+    parser.add_argument("--gen_images", type=int, default=8, help="0 skips the generation rows")
     parser.add_argument("--gen_batch_size", type=int, help="default: all --gen_images in one batch")
     parser.add_argument("--gen_steps", type=int, help="sampler steps (default: 20 toy, 10 sd15)")
     parser.add_argument("--peak_tflops", type=float, help="the device's peak, default: looked up from the GPU name")
@@ -47,7 +48,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.gen_batch_size = args.gen_images if args.gen_batch_size is None else args.gen_batch_size
     args.gen_steps = (20 if args.arch == "toy" else 10) if args.gen_steps is None else args.gen_steps
-    small = [f"--{k}" for k in ("batch_size", "steps", "gen_images", "gen_batch_size", "gen_steps") if getattr(args, k) < 1]
+    small = [f"--{k}" for k in ("batch_size", "steps", "gen_steps") if getattr(args, k) < 1]
+    small += [f"--{k}" for k in ("gen_images", "gen_batch_size") if getattr(args, k) < 0]
     if small or args.warmup < 0:
         fail(f"{' and '.join(small)} must be at least 1" if small else "--warmup must be 0 or more")
     try:
@@ -134,6 +136,8 @@ def bench_dpo(template, second_unet, batch, args):
     unet = copy.deepcopy(template).to(args.device, dtype)
     reference = copy.deepcopy(template).to(args.device, dtype).requires_grad_(False) if second_unet else None
     lora = add_lora(unet, rank=4, alpha=4)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     for p in lora:  # the LoRA trains in fp32 even when the UNet runs in half precision
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(lora, lr=1e-5)
@@ -205,12 +209,15 @@ def run(args):
              torch.randn(B, *text, device=args.device, dtype=dtype).repeat(2, 1, 1),
              torch.randn(B, *latents, device=args.device))
     print(f"arch {args.arch}: UNet {sum(p.numel() for p in template.parameters()) / 1e6:.1f}M parameters, "
-          f"{B} pairs per step, {args.mixed_precision} mixed precision, device {args.device}"
+          f"{B} pairs per step, {args.mixed_precision} mixed precision, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, device {args.device}"
           + (f", torch threads {torch.get_num_threads()}" if args.device.type == "cpu" else ""))
     rows = [("DPO step, reference = adapters off", bench_dpo(template, False, batch, args)),
             ("DPO step, reference = second UNet", bench_dpo(template, True, batch, args))]
     fresh_memory(args.device)
     gen = [f"generation, batch {args.gen_batch_size}", "generation, one at a time"]
+    if not args.gen_images:
+        return rows + [(name, None) for name in gen]
     if args.arch == "toy" and not os.path.exists(os.path.join(TOY_MODEL, "model_index.json")):
         print(f"note: generation skipped, no pretrained toy pipeline at {TOY_MODEL}")
         return rows + [(name, None) for name in gen]
