@@ -36,11 +36,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (add_lora, barrier, dpo_loss, fail, find_checkpoint, generate, init_distributed, load_checkpoint,
+from common import (LORA_TARGETS, add_lora, barrier, dpo_loss, fail, find_checkpoint, generate, init_distributed, load_checkpoint,
                     load_pipeline, read_anchors, read_pairs, save_checkpoint, save_lora, seed_everything, write_json)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,12 +56,17 @@ def parse_args():
     parser.add_argument("--output_dir", help="default: experts/<category>")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=4)
+    parser.add_argument("--lora_targets", nargs="+", default=LORA_TARGETS,
+                        help="attention projections that get a LoRA (the release: all four, self- and cross-attention)")
     parser.add_argument("--beta", type=float, default=500, help="DPO KL weight (the release uses 5000 on SD 1.5)")
     parser.add_argument("--sft_weight", type=float, default=1.0,
                         help="weight of an extra denoising loss on the winner (0 = pure Diffusion-DPO)")
     parser.add_argument("--anchor_weight", type=float, default=100.0,
                         help="weight of keeping the reference's prediction on anchor prompts")
     parser.add_argument("--anchors", help="anchor CSV (prompt,image), default: anchors.csv beside the pairs")
+    parser.add_argument("--lora_scale_range", type=float, nargs=2, default=(1.0, 1.0), metavar=("LOW", "HIGH"),
+                        help="each step scales the expert by a factor drawn from [LOW, HIGH]: an expert trained so "
+                             "still works when a merge dilutes it (see README); default: off")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--train_batch_size", type=int, default=16, help="pairs per step")
     parser.add_argument("--max_train_steps", type=int, default=150)
@@ -149,9 +155,10 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
     unet = pipe.unet
     weight_dtype = DTYPES[args.mixed_precision]
     winners, losers, anchor_latents, prompt_embeds, anchor_embeds, empty_embed = encode(pipe, pairs, anchors, weight_dtype)
-    lora_params = add_lora(unet, args.rank, args.alpha)
+    lora_params = add_lora(unet, args.rank, args.alpha, args.lora_targets)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    lora_layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
     for p in lora_params:  # the LoRA trains in fp32 even when the UNet runs in half precision
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate)
@@ -184,6 +191,11 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
         if args.anchor_weight:
             a = torch.randint(len(anchor_latents), (len(idx),), generator=g)
             anchor_empty = torch.rand(len(a), generator=g) < 0.5
+        low, high = args.lora_scale_range
+        if (low, high) != (1.0, 1.0):  # train the expert at a random strength (merging dilutes it)
+            strength = low + (high - low) * torch.rand(1, generator=g).item()
+            for layer in lora_layers:
+                layer.scale_layer(strength)
         mine = slice(rank, None, world)
         idx, noise, t, empty = idx[mine], noise[mine].to(args.device), t[mine].to(args.device), empty[mine]
         cond = prompt_embeds[idx].clone()
@@ -206,6 +218,8 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
                 ref_w, ref_l, *ref_a = unet(noisy, t3, cond3).sample.chunk(blocks)
                 unet.enable_adapters()  # also turns requires_grad back on for the LoRA weights
             model_w, model_l, *model_a = model(noisy, t3, cond3).sample.chunk(blocks)
+        for layer in lora_layers:  # back to the trained strength, alpha / rank
+            layer.unscale_layer()
         loss, stats = dpo_loss(model_w, model_l, ref_w, ref_l, noise, args.beta)
         stats["dpo_loss"] = loss.item()
         if args.sft_weight:  # also plainly denoise the winner under the unsafe prompt
@@ -252,7 +266,8 @@ def main():
     from peft.utils import get_peft_model_state_dict
     save_lora(args.output_dir, get_peft_model_state_dict(pipe.unet), args.rank, args.alpha,
               {"base_model": args.model, "category": args.category, "pairs": len(pairs),
-               "steps": args.max_train_steps, "beta": args.beta, "learning_rate": args.learning_rate})
+               "steps": args.max_train_steps, "beta": args.beta, "learning_rate": args.learning_rate},
+              args.lora_targets)
     last = log[-1] if log else {}
     print(f"02 expert {args.category}: {len(pairs)} pairs, {args.max_train_steps} steps, final loss "
           f"{last.get('loss', float('nan')):.4f}, implicit acc {last.get('implicit_acc', float('nan')):.2f}, "

@@ -32,6 +32,11 @@ def parse_args():
     parser.add_argument("--rank", type=int, help="rank of the merged LoRA (default: the experts' ranks summed)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the merged delta (task-arithmetic lambda)")
     parser.add_argument("--density", type=float, default=0.5, help="ties: share of each delta kept")
+    parser.add_argument("--select", choices=["weight", "row", "module", "factors"], default="weight",
+                        help="co-merge: what one expert wins: each weight (the paper), each output row, each "
+                             "whole layer, or each weight of A and of B separately")
+    parser.add_argument("--statistic", choices=["mean", "rms"], default="mean",
+                        help="co-merge, select weight/factors: the input activation, mean |x| or root mean square")
     parser.add_argument("--data", default="data/toy", help="co-merge: pairs.csv whose prompts drive the activations")
     parser.add_argument("--prompts_per_expert", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="co-merge: sampling steps while recording")
@@ -41,29 +46,33 @@ def parse_args():
 
 
 def load_experts(dirs):
-    """The experts' infos and deltas; refuses experts that cannot be merged."""
-    infos, deltas = [], []
+    """The experts' infos and factors {layer: (A, B)} (delta = B A alpha / rank); refuses experts
+    that cannot be merged."""
+    infos, factors = [], []
     for d in dirs:
         info, layers = read_lora(d)
         infos.append(info)
-        deltas.append({name: b @ a * info["alpha"] / info["rank"] for name, (a, b) in layers.items()})
-    for info, delta, d in zip(infos, deltas, dirs):
+        factors.append({name: (a, b * info["alpha"] / info["rank"]) for name, (a, b) in layers.items()})
+    for info, layers, d in zip(infos, factors, dirs):
         if info["base_model"] != infos[0]["base_model"]:
             fail(f"{d} was trained on {info['base_model']}, {dirs[0]} on {infos[0]['base_model']}")
         if info["rank"] != infos[0]["rank"]:
             fail(f"{d} has rank {info['rank']}, {dirs[0]} rank {infos[0]['rank']}: retrain with one rank")
-        if delta.keys() != deltas[0].keys():
+        if layers.keys() != factors[0].keys():
             fail(f"{d} adapts other layers than {dirs[0]}")
-    return infos, deltas
+    return infos, factors
 
 
-def record_activations(args, infos, dirs):
-    """Per expert and layer, the mean |input| of each input feature while the expert generates
-    from its own category's unsafe prompts (both guidance branches)."""
+def record_activations(args, infos, dirs, factors):
+    """Per expert and layer, how active it is while generating from its own category's unsafe
+    prompts (both guidance branches), for inputs x of the layer:
+      "input":  per input feature j, mean |x_j| (or, --statistic rms, the root mean square);
+      "output": per output feature i, mean |(dW x)_i|, the expert's own contribution;
+      "hidden": per LoRA component k, mean |(A x)_k|."""
     pairs = read_pairs(os.path.join(args.data, "pairs.csv"))
     pipe = load_pipeline(infos[0]["base_model"], args.device)
     activations = []
-    for info, d in zip(infos, tqdm(dirs, desc="recording activations")):
+    for info, d, layers in zip(infos, tqdm(dirs, desc="recording activations"), factors):
         prompts = sorted({p["unsafe_prompt"] for p in pairs if info["category"] in ("all", p["category"])})
         if not prompts:
             fail(f"no prompts of category {info['category']!r} in {args.data}/pairs.csv")
@@ -71,36 +80,64 @@ def record_activations(args, infos, dirs):
         pipe.load_lora_weights(d)
         sums, hooks = {}, []
         for name, module in pipe.unet.named_modules():
-            if any(name.endswith(t) for t in LORA_TARGETS) and hasattr(module, "base_layer"):
-                def hook(mod, inputs, name=name):
-                    x = inputs[0].detach().float().abs().flatten(0, -2)
-                    total, count = sums.get(name, (0, 0))
-                    sums[name] = (total + x.sum(0), count + len(x))
+            if hasattr(module, "base_layer"):  # a layer with the expert's LoRA
+                def hook(mod, inputs, name="unet." + name):
+                    x = inputs[0].detach().float().flatten(0, -2)
+                    a, b = layers[name]
+                    hidden = x @ a.T.to(x.device)
+                    stats = {"input": x.pow(2) if args.statistic == "rms" else x.abs(),
+                             "output": (hidden @ b.T.to(x.device)).abs(), "hidden": hidden.abs()}
+                    total = sums.setdefault(name, {"count": 0})
+                    total["count"] += len(x)
+                    for key, value in stats.items():
+                        total[key] = total.get(key, 0) + value.sum(0).cpu()
                 hooks.append(module.register_forward_pre_hook(hook))
         generate(pipe, prompts, range(len(prompts)), steps=args.steps, batch_size=len(prompts))
         for h in hooks:
             h.remove()
         pipe.unload_lora_weights()
-        activations.append({f"unet.{k}": total / count for k, (total, count) in sums.items()})
+        means = {name: {k: v / t["count"] for k, v in t.items() if k != "count"} for name, t in sums.items()}
+        if args.statistic == "rms":
+            for m in means.values():
+                m["input"] = m["input"].sqrt()
+        activations.append(means)
     return activations
 
 
-def co_merge(deltas, activations):
+def co_merge(factors, activations, select="weight"):
+    """Per weight (or per output row, or per whole layer), the delta of the expert that is most
+    active there. select "factors" applies the per-weight rule to A and B separately."""
     merged = {}
-    for name in deltas[0]:
-        stacked = torch.stack([d[name] for d in deltas])                           # (E, out, in)
-        scores = stacked.abs() * torch.stack([a[name] for a in activations])[:, None, :]
-        winner = scores.argmax(0, keepdim=True)                                     # expert per weight
-        merged[name] = stacked.gather(0, winner)[0]
+    for name in factors[0]:
+        act = {k: torch.stack([a[name][k] for a in activations]) for k in ("input", "output", "hidden")}
+        if select == "factors":  # A's weights scored by their inputs, B's by the LoRA's hidden units
+            a = pick(torch.stack([f[name][0] for f in factors]), act["input"][:, None, :])
+            b = pick(torch.stack([f[name][1] for f in factors]), act["hidden"][:, None, :])
+            merged[name] = b @ a
+            continue
+        stacked = torch.stack([b @ a for a, b in (f[name] for f in factors)])       # (E, out, in)
+        if select == "weight":   # the paper's rule: activation-weighted magnitude of each weight
+            scores = stacked.abs() * act["input"][:, None, :]
+        elif select == "row":    # whole output rows, by the expert's output activation
+            scores = act["output"][:, :, None].expand_as(stacked)
+        else:                    # whole layers, by the expert's total output activation
+            scores = act["output"].sum(1)[:, None, None].expand_as(stacked)
+        merged[name] = stacked.gather(0, scores.argmax(0, keepdim=True))[0]
     return merged
 
 
-def peft_merge(method, deltas, density):
+def pick(stacked, activation):
+    """Per entry, the value of the expert with the highest |value| x activation."""
+    scores = stacked.abs() * activation
+    return stacked.gather(0, scores.argmax(0, keepdim=True))[0]
+
+
+def peft_merge(method, factors, density):
     from peft.utils.merge_utils import task_arithmetic, ties
-    n = len(deltas)
+    n = len(factors)
     merged = {}
-    for name in deltas[0]:
-        tensors = [d[name] for d in deltas]
+    for name in factors[0]:
+        tensors = [b @ a for a, b in (f[name] for f in factors)]
         if method == "linear":
             merged[name] = task_arithmetic(tensors, torch.full((n,), 1 / n))
         elif method == "cat":
@@ -132,17 +169,17 @@ def main():
     args = parse_args()
     args.output_dir = args.output_dir or os.path.join("merged", args.method)
     started = time.time()
-    infos, deltas = load_experts(args.experts)
+    infos, factors = load_experts(args.experts)
     rank = args.rank or sum(i["rank"] for i in infos)
     if args.method == "comerge":
-        merged = co_merge(deltas, record_activations(args, infos, args.experts))
+        merged = co_merge(factors, record_activations(args, infos, args.experts, factors), args.select)
     else:
-        merged = peft_merge(args.method, deltas, args.density)
+        merged = peft_merge(args.method, factors, args.density)
     merged = {name: delta * args.scale for name, delta in merged.items()}
     layers, error = factorize(merged, rank)
     save_lora(args.output_dir, layers, rank, rank,  # alpha = rank: the factors carry the scale
               {"base_model": infos[0]["base_model"], "category": "merged", "method": args.method,
-               "experts": args.experts, "relative_error": error})
+               "experts": args.experts, "relative_error": error}, infos[0].get("targets", LORA_TARGETS))
     print(f"03 merge ({args.method}): {len(infos)} experts -> rank {rank}, relative reconstruction error "
           f"{error:.4f}, {time.time() - started:.0f}s -> {args.output_dir}")
 

@@ -142,23 +142,23 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def add_lora(unet, rank, alpha):
+def add_lora(unet, rank, alpha, targets=LORA_TARGETS):
     from peft import LoraConfig
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def save_lora(directory, unet_lora_layers, rank, alpha, info):
+def save_lora(directory, unet_lora_layers, rank, alpha, info, targets=LORA_TARGETS):
     """Write `pytorch_lora_weights.safetensors` (loadable by `pipe.load_lora_weights(directory)`)
     and `lora.json` describing it (base model, rank, ...), which merging checks."""
     from diffusers import StableDiffusionPipeline
-    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": LORA_TARGETS}
+    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
     tmp = os.path.join(directory, f".tmp{os.getpid()}")
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_lora_layers, unet_lora_adapter_metadata=metadata)
     os.replace(os.path.join(tmp, LORA_FILE), os.path.join(directory, LORA_FILE))
     os.rmdir(tmp)
-    write_json(os.path.join(directory, "lora.json"), {"rank": rank, "alpha": alpha, **info})
+    write_json(os.path.join(directory, "lora.json"), {"rank": rank, "alpha": alpha, "targets": list(targets), **info})
 
 
 def read_lora(directory):

@@ -77,12 +77,20 @@ def test_expert_loads_into_a_plain_pipeline_and_changes_it(work, toy_model):
 
 def test_co_merge_keeps_the_expert_that_dominates_each_weight():
     merge = load_stage("03_merge.py")
-    deltas = [{"layer": torch.tensor([[1.0, 0.1], [0.2, 0.0]])}, {"layer": torch.tensor([[0.5, 0.3], [-0.4, 0.1]])}]
+    eye = torch.eye(2)  # factors (A, B) with A = I: each expert's delta is its B
+    deltas = [torch.tensor([[1.0, 0.1], [0.2, 0.0]]), torch.tensor([[0.5, 0.3], [-0.4, 0.1]])]
+    factors = [{"layer": (eye, d)} for d in deltas]
     # Expert 1's inputs are ten times stronger on feature 1, so it wins column 1 despite smaller
     # deltas there; column 0 goes to whichever delta is larger since activations tie.
-    activations = [{"layer": torch.tensor([1.0, 1.0])}, {"layer": torch.tensor([1.0, 10.0])}]
-    merged = merge.co_merge(deltas, activations)["layer"]
+    activations = [{"layer": {"input": torch.tensor([1.0, 1.0]), "output": torch.tensor([1.0, 0.0]),
+                              "hidden": torch.ones(2)}},
+                   {"layer": {"input": torch.tensor([1.0, 10.0]), "output": torch.tensor([0.5, 2.0]),
+                              "hidden": torch.ones(2)}}]
+    merged = merge.co_merge(factors, activations)["layer"]
     assert torch.equal(merged, torch.tensor([[1.0, 0.3], [-0.4, 0.1]]))
+    # Per row: row 0 goes to expert 0 (output activation 1.0 > 0.5), row 1 to expert 1, whole.
+    rows = merge.co_merge(factors, activations, select="row")["layer"]
+    assert torch.equal(rows, torch.stack([deltas[0][0], deltas[1][1]]))
     layers, error = merge.factorize({"unet.layer": merged}, rank=2)
     assert error < 1e-5 and torch.allclose(layers["layer.lora_B.weight"] @ layers["layer.lora_A.weight"], merged, atol=1e-5)
 
