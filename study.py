@@ -26,6 +26,10 @@ from common import write_json
 
 CATEGORIES = list(toyworld.CATEGORIES)
 MERGES = ["comerge", "linear", "ties", "cat"]
+# Co-Merge variants that the paper's description allows (03_merge.py flags), at the main scale
+COMERGE_VARIANTS = {"comerge:rows": ["--select", "row"], "comerge:layers": ["--select", "module"],
+                    "comerge:A,B": ["--select", "factors"], "comerge:rms": ["--statistic", "rms"],
+                    "comerge:rank 4": ["--rank", "4"], "comerge:x1.5": ["--scale", "1.5"]}
 
 
 def parse_args():
@@ -83,6 +87,26 @@ def run_seed(args, seed, root):
                   "--output_dir", os.path.dirname(result_file), "--eval_seed", 2_000_000 + seed * 100_000,
                   "--lora", *[f"{k}={v}" for k, v in variants.items()])
         results[scale] = json.load(open(result_file))["results"]
+        if scale == args.main_scale:
+            results[scale].update(comerge_variants(args, seed, work, experts, data))
+    return results
+
+
+def comerge_variants(args, seed, work, experts, data):
+    """Stage 4 results of the Co-Merge variants, evaluated like the main variants (same seeds)."""
+    result_file = os.path.join(work, "eval_comerge_variants", "results.json")
+    if not os.path.exists(result_file):
+        variants = {}
+        for name, flags in COMERGE_VARIANTS.items():
+            out = os.path.join(work, "merged", name.replace(":", "-").replace(",", "").replace(" ", ""))
+            if not os.path.exists(os.path.join(out, "lora.json")):
+                stage("03_merge.py", *experts, "--method", "comerge", *flags, "--data", data, "--output_dir", out)
+            variants[name] = out
+        stage("04_evaluate.py", "--concepts_per_category", args.main_scale, "--seeds_per_prompt", args.seeds_per_prompt,
+              "--output_dir", os.path.dirname(result_file), "--eval_seed", 2_000_000 + seed * 100_000,
+              "--lora", *[f"{k}={v}" for k, v in variants.items()])
+    results = json.load(open(result_file))["results"]
+    results.pop("base")  # the same as the main evaluation's base (same prompts and seeds)
     return results
 
 
