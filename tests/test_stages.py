@@ -186,3 +186,29 @@ def test_bf16_training_keeps_the_lora_in_fp32(work, toy_model):
     assert all(math.isfinite(s["loss"]) for s in log)
     from safetensors.torch import load_file
     assert all(t.dtype == torch.float32 for t in load_file(str(out / "pytorch_lora_weights.safetensors")).values())
+
+
+def test_gradient_checkpointing_trains_the_same_expert(work, toy_model):
+    out = work / "checkpointed"
+    run_stage("02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category", "Violence",
+              "--output_dir", str(out), "--gradient_checkpointing", *TINY_TRAIN)
+    (_, plain), (_, checkpointed) = read_lora(str(work / "Violence")), read_lora(str(out))
+    # recomputing activations in backward changes memory, not the gradients
+    assert all(torch.allclose(plain[k][i], checkpointed[k][i], atol=1e-5) for k in plain for i in (0, 1))
+
+
+def test_lora_targets_and_strength_range(work, toy_model):
+    """--lora_targets puts the expert on chosen projections only; --lora_scale_range trains it at
+    random strengths yet saves it at its own (alpha / rank); merging refuses mixed targets."""
+    out = work / "kv"
+    run_stage("02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category", "Violence",
+              "--output_dir", str(out), "--lora_targets", "attn2.to_k", "attn2.to_v",
+              "--lora_scale_range", "0.3", "1.0", *TINY_TRAIN)
+    info, layers = read_lora(str(out))
+    assert info["targets"] == ["attn2.to_k", "attn2.to_v"] and info["alpha"] == 4
+    assert layers and all(".attn2.to_k" in k or ".attn2.to_v" in k for k in layers)
+    result = run_stage("03_merge.py", str(work / "Violence"), str(out), "--method", "linear",
+                       "--output_dir", str(work / "mixed"), check=False)
+    assert result.returncode != 0 and "adapts other layers" in error_line(result)
+    log = json.load(open(out / "log.json"))["log"]
+    assert log[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)  # a no-op at any strength at step 0
