@@ -99,6 +99,23 @@ def render(args, jobs, image_dir):
     return len(todo)
 
 
+def check_resume(args, jobs, rank):
+    """A rerun reuses the images on disk, so they must come from the same jobs: images are named
+    by pair index, and other settings (more pairs per concept, another seed or model) would
+    silently pair a prompt with another prompt's image."""
+    path = os.path.join(args.output_dir, "render.json")
+    manifest = json.loads(json.dumps({"model": args.model, "steps": args.steps, "guidance_scale": args.guidance_scale,
+                                      "resolution": args.resolution, "jobs": jobs}))
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f) != manifest:
+                fail(f"{args.output_dir} holds images rendered with other settings or prompts; "
+                     "rerun with those settings or use a new --output_dir")
+    elif rank == 0:
+        write_json(path, manifest)
+    barrier()
+
+
 def image_names(index):
     return f"u_idx_{index}_0.png", f"s_idx_{index}_0.png"
 
@@ -142,6 +159,7 @@ def main():
     rank, world = init_distributed()  # under torchrun each rank renders its own slice
     if world > 1 and args.device.startswith("cuda"):
         args.device = f"cuda:{torch.cuda.current_device()}"
+    check_resume(args, jobs, rank)
     rendered = render(args, jobs[rank::world], image_dir)
     barrier()
     if rank != 0:

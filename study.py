@@ -10,7 +10,9 @@ offset), with the spread (standard deviation) beside it.
     python study.py                      # results/study: table.md, results.json, *.png
 
 It only drives the four stage scripts (so it measures exactly what a user runs) and is
-resumable: finished stage outputs are reused on a rerun.
+resumable: finished stage outputs are reused on a rerun. The (seed, taxonomy size) pipelines are
+independent, so --jobs of them run side by side, each stage with cpu_count / jobs threads: the toy
+model is too small for two threads to keep two cores busy.
 """
 import argparse
 import json
@@ -18,8 +20,10 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
+from tqdm import tqdm
 
 import toyworld
 from common import write_json
@@ -40,55 +44,62 @@ def parse_args():
     parser.add_argument("--pairs_per_concept", type=int, default=48)
     parser.add_argument("--seeds_per_prompt", type=int, default=2)
     parser.add_argument("--output_dir", default="results/study")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="pipelines run side by side (default: 2, or 1 on one core)")
     parser.add_argument("--train_args", default="", help="extra flags for 02_train_expert.py, e.g. '--beta 1000'")
     return parser.parse_args()
 
 
+RUNNING = set()  # stage processes in flight: stopped when another pipeline fails
+
+
 def stage(*args):
     """Run one stage script; a failure stops the study with that stage's own error line."""
-    result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"study: {args[0]} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-    return result.stdout
+    process = subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    RUNNING.add(process)
+    out, err = process.communicate()
+    RUNNING.discard(process)
+    if process.returncode != 0:
+        sys.exit(f"study: {args[0]} failed: {(err.strip().splitlines() or ['?'])[-1]}")
+    return out
 
 
 def slug(category):
     return category.lower().replace(" ", "-")
 
 
-def run_seed(args, seed, root):
-    """All stages for one seed; returns {scale: results.json of stage 4}."""
-    results = {}
-    for scale in args.scales:  # each scale its own pairs and anchors (its safe prompts differ)
-        work = os.path.join(root, f"x{scale}")
-        data = os.path.join(work, "data")
-        stage("01_generate_data.py", "--output_dir", data, "--concepts_per_category", scale,
-              "--pairs_per_concept", args.pairs_per_concept, "--seed", seed * 100_000)
-        pairs = os.path.join(data, "pairs.csv")
-        variants = {}
-        for category in CATEGORIES + ["all"]:
-            out = os.path.join(work, "experts", slug(category))
-            steps = 150 * (len(CATEGORIES) if category == "all" else 1)  # all-data: the experts' compute
-            stage("02_train_expert.py", "--pairs", pairs, "--category", category, "--output_dir", out,
-                  "--seed", seed, "--max_train_steps", steps, *args.train_args.split())
-            if category == "all":
-                variants["all-data"] = out
-            elif scale == args.main_scale:
-                variants[f"expert:{category}"] = out
-        experts = [os.path.join(work, "experts", slug(c)) for c in CATEGORIES]
-        for method in MERGES if scale == args.main_scale else ["comerge"]:
-            out = os.path.join(work, "merged", method)
-            if not os.path.exists(os.path.join(out, "lora.json")):
-                stage("03_merge.py", *experts, "--method", method, "--data", data, "--output_dir", out)
-            variants[method] = out
-        result_file = os.path.join(work, "eval", "results.json")
-        if not os.path.exists(result_file):
-            stage("04_evaluate.py", "--concepts_per_category", scale, "--seeds_per_prompt", args.seeds_per_prompt,
-                  "--output_dir", os.path.dirname(result_file), "--eval_seed", 2_000_000 + seed * 100_000,
-                  "--lora", *[f"{k}={v}" for k, v in variants.items()])
-        results[scale] = json.load(open(result_file))["results"]
-        if scale == args.main_scale:
-            results[scale].update(comerge_variants(args, seed, work, experts, data))
+def run_pipeline(args, seed, scale):
+    """All four stages for one seed at one taxonomy size; returns stage 4's results."""
+    work = os.path.join(args.output_dir, f"seed{seed}", f"x{scale}")  # own pairs and anchors per size
+    data = os.path.join(work, "data")
+    stage("01_generate_data.py", "--output_dir", data, "--concepts_per_category", scale,
+          "--pairs_per_concept", args.pairs_per_concept, "--seed", seed * 100_000)
+    pairs = os.path.join(data, "pairs.csv")
+    variants = {}
+    for category in CATEGORIES + ["all"]:
+        out = os.path.join(work, "experts", slug(category))
+        steps = 150 * (len(CATEGORIES) if category == "all" else 1)  # all-data: the experts' compute
+        stage("02_train_expert.py", "--pairs", pairs, "--category", category, "--output_dir", out,
+              "--seed", seed, "--max_train_steps", steps, *args.train_args.split())
+        if category == "all":
+            variants["all-data"] = out
+        elif scale == args.main_scale:
+            variants[f"expert:{category}"] = out
+    experts = [os.path.join(work, "experts", slug(c)) for c in CATEGORIES]
+    for method in MERGES if scale == args.main_scale else ["comerge"]:
+        out = os.path.join(work, "merged", method)
+        if not os.path.exists(os.path.join(out, "lora.json")):
+            stage("03_merge.py", *experts, "--method", method, "--data", data, "--output_dir", out)
+        variants[method] = out
+    result_file = os.path.join(work, "eval", "results.json")
+    if not os.path.exists(result_file):
+        stage("04_evaluate.py", "--concepts_per_category", scale, "--seeds_per_prompt", args.seeds_per_prompt,
+              "--output_dir", os.path.dirname(result_file), "--eval_seed", 2_000_000 + seed * 100_000,
+              "--lora", *[f"{k}={v}" for k, v in variants.items()])
+    results = json.load(open(result_file))["results"]
+    if scale == args.main_scale:
+        results.update(comerge_variants(args, seed, work, experts, data))
     return results
 
 
@@ -174,13 +185,27 @@ def main():
     args = parse_args()
     started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
-    by_seed = []
-    for seed in args.seeds:
-        print(f"seed {seed} ...", flush=True)
-        by_seed.append(run_seed(args, seed, os.path.join(args.output_dir, f"seed{seed}")))
+    if args.jobs > 1:  # inherited by every stage process
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    # Longest pipelines first (the main scale also evaluates every merge), so the last ones to
+    # start are short and no core idles long at the end.
+    tasks = sorted(((seed, scale) for seed in args.seeds for scale in args.scales),
+                   key=lambda t: (t[1] != args.main_scale, -t[1], t[0]))
+    results = {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run_pipeline, args, *task): task for task in tasks}
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc="study (seed, size)"):
+                results[futures[future]] = future.result()
+        except BaseException:  # one pipeline failed (or Ctrl-C): stop the others, keep what is written
+            pool.shutdown(cancel_futures=True, wait=False)
+            for process in list(RUNNING):
+                process.kill()
+            raise
+    by_seed = [{scale: results[seed, scale] for scale in args.scales} for seed in args.seeds]
     minutes = (time.time() - started) / 60
     print(write_outputs(args, by_seed, minutes))
-    print(f"study: {len(args.seeds)} seeds in {minutes:.0f} min -> {args.output_dir}/table.md")
+    print(f"study: {len(args.seeds)} seeds in {minutes:.0f} min with {args.jobs} jobs -> {args.output_dir}/table.md")
 
 
 if __name__ == "__main__":

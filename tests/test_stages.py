@@ -52,6 +52,15 @@ def test_generate_writes_official_layout_and_resumes_identically(work, toy_model
     assert np.abs(np.asarray(Image.open(victim)).astype(int) - before_image).max() <= 1  # batch size may round
 
 
+def test_generate_refuses_to_resume_with_other_settings(work, toy_model, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(work / "data", data)
+    other = [a if a != "4" else "3" for a in TINY_GEN]  # 3 pairs per concept: indices map to other prompts
+    result = run_stage("01_generate_data.py", "--model", toy_model, "--output_dir", str(data), *other, check=False)
+    assert result.returncode != 0 and "other settings" in error_line(result)
+    assert (data / "pairs.csv").read_bytes() == (work / "data" / "pairs.csv").read_bytes()
+
+
 def test_training_starts_at_ln2_and_logs(work):
     log = json.load(open(work / "Violence" / "log.json"))["log"]
     # the LoRA starts as a no-op: policy == reference, so the DPO term is ln 2 and anchors have not drifted
