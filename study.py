@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -51,13 +52,18 @@ def parse_args():
 
 
 RUNNING = set()  # stage processes in flight: stopped when another pipeline fails
+STOPPING = threading.Event()  # set then: no pipeline starts another stage
 
 
 def stage(*args):
     """Run one stage script; a failure stops the study with that stage's own error line."""
+    if STOPPING.is_set():
+        sys.exit("study: stopped")
     process = subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     RUNNING.add(process)
+    if STOPPING.is_set():  # started while the others were being stopped
+        process.kill()
     out, err = process.communicate()
     RUNNING.discard(process)
     if process.returncode != 0:
@@ -198,6 +204,7 @@ def main():
             for future in tqdm(as_completed(futures), total=len(futures), desc="study (seed, size)"):
                 results[futures[future]] = future.result()
         except BaseException:  # one pipeline failed (or Ctrl-C): stop the others, keep what is written
+            STOPPING.set()
             pool.shutdown(cancel_futures=True, wait=False)
             for process in list(RUNNING):
                 process.kill()
