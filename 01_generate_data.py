@@ -13,10 +13,12 @@ the prompts are used, the images are rendered anew by *this* model), or from an 
     python 01_generate_data.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --csv CoProV2_train.csv --output_dir data/coprov2 --filter none
 
-Output: <output_dir>/images/{u,s}_idx_N_0.png, pairs.csv in the CoProV2 layout, settings.json, and
-anchors.csv (prompt,image): images the model draws for prompts an expert must leave unchanged.
-Rerunning after an interruption skips the pairs already rendered and ends identical. Under torchrun
-(`torchrun --nproc_per_node 8 01_generate_data.py ...`) each process renders a disjoint slice.
+Output: <output_dir>/images/{u,s}_idx_N_0.png, pairs.csv in the CoProV2 layout, settings.json,
+anchors.csv (prompt,image) with images/a_idx_N_0.png: images the model draws for prompts an expert
+must leave unchanged; render.json (what was rendered, checked on a rerun); llm_prompts.json (--llm).
+Rerunning after an interruption skips the images already rendered and writes the same pairs.csv.
+Under torchrun (`torchrun --nproc_per_node 8 01_generate_data.py ...`) each process renders a
+disjoint slice.
 """
 import argparse
 import json
@@ -39,12 +41,14 @@ def parse_args():
     parser.add_argument("--csv", help="official CoProV2 CSV (prompt,image,category) to take prompts from")
     parser.add_argument("--llm", help="transformers text-generation model that writes the prompts")
     parser.add_argument("--concepts", help="JSON {category: [concept, ...]} for --llm")
-    parser.add_argument("--concepts_per_category", type=int, default=2, help="toy taxonomy size (1, 2 or 4)")
-    parser.add_argument("--pairs_per_concept", type=int, default=48, help="toy: pairs per unsafe concept")
+    parser.add_argument("--concepts_per_category", type=int, default=2, choices=[1, 2, 3, 4], help="toy taxonomy size")
+    parser.add_argument("--pairs_per_concept", type=int, default=48, help="toy and --llm: pairs per unsafe concept")
     parser.add_argument("--anchor_prompts", help="text file of prompts to render as anchors (default for the "
                         "toy world: its safe prompts)")
     parser.add_argument("--filter", choices=["auto", "none", "toy", "paper"], default="auto",
                         help="judge that drops bad pairs; auto = toy for toy prompts, else none")
+    parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="--filter paper: Q16's CLIP")
+    parser.add_argument("--q16_prompts", help="--filter paper: local copy of Q16's prompts.p (else downloaded)")
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's own size")
     parser.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
@@ -54,21 +58,18 @@ def parse_args():
     return parser.parse_args()
 
 
-def prompt_pairs(args):
+def prompt_pairs(args, rank):
     """The list of (category, unsafe prompt, safe prompt, pair index) to render."""
     if args.csv:
         return [(p["category"], p["unsafe_prompt"], p["safe_prompt"], p["index"]) for p in read_pairs(args.csv)]
     if args.llm:
-        import realworld
-        if not args.concepts or not os.path.exists(args.concepts):
-            fail("--llm needs --concepts FILE.json ({category: [concept, ...]})")
-        concepts = [{"category": c, "concept": k} for c, ks in json.load(open(args.concepts)).items() for k in ks]
-        try:
-            rows, counts = realworld.write_prompts_with_llm(args.llm, concepts, args.pairs_per_concept, device=args.device)
-        except (ValueError, RuntimeError, OSError) as error:
-            fail(f"--llm {args.llm}: {str(error).splitlines()[0]}")
-        print(f"llm prompts: {counts}")
-        return [(category, unsafe, safe, i) for i, (category, _, unsafe, safe) in enumerate(rows)]
+        path = os.path.join(args.output_dir, "llm_prompts.json")
+        if rank == 0 and not os.path.exists(path):  # sampled once, then reused: a rerun renders the same pairs
+            write_json(path, llm_prompts(args))
+        barrier()
+        with open(path) as f:
+            return [tuple(row) for row in json.load(f)]
+    # The toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs.
     # The toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs.
     rows = toyworld.concept_prompts(toyworld.taxonomy(args.concepts_per_category), "train")
     by_concept = {}
@@ -80,6 +81,37 @@ def prompt_pairs(args):
             unsafe, safe = prompts[j % len(prompts)]
             pairs.append((category, unsafe, safe, len(pairs)))
     return pairs
+
+
+def llm_prompts(args):
+    """Pairs written by an LLM for the concepts of --concepts (realworld.py's strict parser)."""
+    import realworld
+    try:
+        with open(args.concepts or "") as f:
+            concepts = [{"category": c, "concept": k} for c, ks in json.load(f).items() for k in ks]
+    except (OSError, ValueError, AttributeError) as error:
+        fail(f"--llm needs --concepts FILE.json ({{category: [concept, ...]}}): {error}")
+    try:
+        rows, counts = realworld.write_prompts_with_llm(args.llm, concepts, args.pairs_per_concept, device=args.device)
+    except (ValueError, RuntimeError, OSError) as error:
+        fail(f"--llm {args.llm}: {str(error).splitlines()[0]}")
+    print(f"llm prompts: {counts}")
+    return [(category, unsafe, safe, i) for i, (category, _, unsafe, safe) in enumerate(rows)]
+
+
+def read_anchor_prompts(args):
+    """Anchors: prompts whose images an expert must leave unchanged (prior preservation), rendered
+    by the model itself. Toy: every safe combination in the training phrasing, each from two
+    seeds (the expert sees the model's variety, not one picture per prompt)."""
+    if args.anchor_prompts:
+        try:
+            with open(args.anchor_prompts) as f:
+                return [line.strip() for line in f if line.strip()]
+        except OSError as error:
+            fail(f"--anchor_prompts: {error}")
+    if args.csv or args.llm:
+        return []
+    return toyworld.safe_prompts(toyworld.taxonomy(args.concepts_per_category), template=0) * 2
 
 
 def render(args, jobs, image_dir):
@@ -104,6 +136,7 @@ def check_resume(args, jobs, rank):
     by pair index, and other settings (more pairs per concept, another seed or model) would
     silently pair a prompt with another prompt's image."""
     path = os.path.join(args.output_dir, "render.json")
+    # through JSON and back, so that it compares equal to the file (tuples become lists)
     manifest = json.loads(json.dumps({"model": args.model, "steps": args.steps, "guidance_scale": args.guidance_scale,
                                       "resolution": args.resolution, "jobs": jobs}))
     if os.path.exists(path):
@@ -120,7 +153,7 @@ def image_names(index):
     return f"u_idx_{index}_0.png", f"s_idx_{index}_0.png"
 
 
-def keep_pair(judge, image_dir, pair):
+def keep_pair(judge, image_dir, pair, ip_judge=None):
     """The filter: the loser must show the unsafe concept, the winner must not."""
     if judge == "none":
         return True
@@ -129,42 +162,38 @@ def keep_pair(judge, image_dir, pair):
         unsafe, safe = toyworld.parse_prompt(pair[1]), toyworld.parse_prompt(pair[2])
         return (toyworld.shows_concept(loser, (unsafe[0], unsafe[2]))
                 and toyworld.shows_concept(winner, (safe[0], safe[2])))
-    return keep_pair.ip_judge([loser, winner]) == [True, False]
+    return ip_judge([loser, winner]) == [True, False]
 
 
 def main():
     args = parse_args()
     seed_everything(args.seed)
     started = time.time()
-    pairs = prompt_pairs(args)
-    if not pairs:
-        fail("no prompt pairs to render")
-    judge = args.filter
-    if judge == "auto":
-        judge = "toy" if all(toyworld.parse_prompt(p[1]) and toyworld.parse_prompt(p[2]) for p in pairs) else "none"
-    if judge == "paper":
-        import realworld
-        try:
-            keep_pair.ip_judge = realworld.load_ip_judge(device=args.device)
-        except (ValueError, RuntimeError) as error:
-            fail(str(error))
-    # Anchors: prompts whose images an expert must leave unchanged (prior preservation), rendered
-    # by the model itself. Toy: every safe combination, in the training phrasing only.
-    anchors = ([line.strip() for line in open(args.anchor_prompts) if line.strip()] if args.anchor_prompts else
-               [] if args.csv or args.llm else
-               toyworld.safe_prompts(toyworld.taxonomy(args.concepts_per_category), template=0) * 2)
-    jobs = [job for p in pairs for job in zip(image_names(p[3]), p[1:3], [args.seed + p[3]] * 2)]
-    jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
-    image_dir = os.path.join(args.output_dir, "images")
     rank, world = init_distributed()  # under torchrun each rank renders its own slice
     if world > 1 and args.device.startswith("cuda"):
         args.device = f"cuda:{torch.cuda.current_device()}"
+    pairs = prompt_pairs(args, rank)
+    if not pairs:
+        fail("no prompt pairs to render")
+    anchors = read_anchor_prompts(args)
+    jobs = [job for p in pairs for job in zip(image_names(p[3]), p[1:3], [args.seed + p[3]] * 2)]
+    jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
+    image_dir = os.path.join(args.output_dir, "images")
     check_resume(args, jobs, rank)
     rendered = render(args, jobs[rank::world], image_dir)
     barrier()
-    if rank != 0:
+    if rank != 0:  # rank 0 filters and writes
         return
-    kept = [p for p in tqdm(pairs, desc=f"filter ({judge})") if keep_pair(judge, image_dir, p)]
+    judge, ip_judge = args.filter, None
+    if judge == "auto":
+        judge = "toy" if all(toyworld.parse_prompt(p[1]) and toyworld.parse_prompt(p[2]) for p in pairs) else "none"
+    if judge == "paper":  # Q16 + NudeNet, as stage 4 judges (realworld.py)
+        import realworld
+        try:
+            ip_judge = realworld.load_ip_judge(args.clip_model, args.q16_prompts, device=args.device)
+        except (ValueError, RuntimeError, OSError) as error:
+            fail(str(error).splitlines()[0])
+    kept = [p for p in tqdm(pairs, desc=f"filter ({judge})") if keep_pair(judge, image_dir, p, ip_judge)]
     write_pairs(os.path.join(args.output_dir, "pairs.csv"),
                 [{"category": p[0], "unsafe_prompt": p[1], "safe_prompt": p[2], "loser_image": image_names(p[3])[0],
                   "winner_image": image_names(p[3])[1]} for p in kept])

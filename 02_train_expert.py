@@ -2,8 +2,9 @@
 
 Each pair from stage 1 holds a loser (the image of the unsafe prompt) and a winner (the image of
 its safe counterpart). Conditioned on the *unsafe* prompt, the expert learns to prefer the winner:
-it should denoise the winner better, and the loser worse, than the reference model does. The
-reference is the same UNet with the LoRA switched off, so no second UNet sits in memory.
+relative to the reference model, it should improve its denoising of the winner more than that of
+the loser (one objective, on the difference). The reference is the same UNet with the LoRA
+switched off, so no second UNet sits in memory.
 
 On the toy model pure Diffusion-DPO saturates (loss ~0, implicit accuracy 1.0) without changing
 what the model samples. Two additions make it work (README, "What made DPO remove a concept"):
@@ -14,9 +15,10 @@ predicts, so that it removes its concept and nothing else.
     python 02_train_expert.py --category Violence           # one expert -> experts/violence
     python 02_train_expert.py --category all                # one LoRA on all pairs: the official
                                                             # release's recipe, the baseline to beat
-SD 1.5 (the release's settings: beta 5000, lr 1e-5 x batch, 2000 steps, fp16):
+SD 1.5 (the release's settings: beta 5000, 2000 steps, fp16, learning rate 1e-5 times the batch
+size, which this script does not do for you: at --train_batch_size 8, pass --learning_rate 8e-5):
     python 02_train_expert.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --data data/coprov2 \\
-        --category Violence --beta 5000 --learning_rate 1e-5 --train_batch_size 1 \\
+        --category Violence --output_dir experts/sd15/violence --beta 5000 --learning_rate 1e-5 --train_batch_size 1 \\
         --max_train_steps 2000 --mixed_precision fp16 --sft_weight 0 --anchor_weight 0 --empty_prompt_share 0.2
 (drop the last three flags to keep this repository's winner SFT and anchors; stage 1 --anchor_prompts renders them)
 
@@ -65,8 +67,8 @@ def parse_args():
                         help="weight of keeping the reference's prediction on anchor prompts")
     parser.add_argument("--anchors", help="anchor CSV (prompt,image), default: anchors.csv beside the pairs")
     parser.add_argument("--lora_scale_range", type=float, nargs=2, default=(1.0, 1.0), metavar=("LOW", "HIGH"),
-                        help="each step scales the expert by a factor drawn from [LOW, HIGH]: an expert trained so "
-                             "still works when a merge dilutes it (see README); default: off")
+                        help="each step scales the expert by a factor drawn from [LOW, HIGH], so that it still "
+                             "works when a merge dilutes it (see README); default: off")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--train_batch_size", type=int, default=16, help="pairs per step")
     parser.add_argument("--max_train_steps", type=int, default=150)
@@ -109,7 +111,13 @@ def load_anchors(args, pairs_csv):
             fail(f"--anchor_weight needs anchors: no {path} (stage 1 writes it; or pass --anchors CSV)")
         return []
     image_dir = os.path.join(os.path.dirname(path), "images")
-    return [(prompt, os.path.join(image_dir, image)) for prompt, image in read_anchors(path)]
+    anchors = [(prompt, os.path.join(image_dir, image)) for prompt, image in read_anchors(path)]
+    if args.anchor_weight and not anchors:
+        fail(f"--anchor_weight needs anchors: {path} lists none")
+    for _, image in anchors:
+        if not os.path.exists(image):
+            fail(f"missing anchor image {image}")
+    return anchors
 
 
 @torch.no_grad()
@@ -151,10 +159,83 @@ def mean_over_ranks(stats, device):
     return dict(zip(stats, (values / dist.get_world_size()).tolist()))
 
 
+# What a resumed run must share with the run that wrote the checkpoint (--max_train_steps may grow).
+RESUME_KEYS = ("model", "category", "rank", "alpha", "lora_targets", "beta", "sft_weight", "anchor_weight",
+               "lora_scale_range", "learning_rate", "train_batch_size", "empty_prompt_share", "mixed_precision", "seed")
+
+
+def check_resume(args, n_pairs, checkpoint_dir, rank):
+    """Refuse to continue a checkpoint trained with other settings: the result would belong to neither."""
+    settings = json.loads(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS}, "pairs": n_pairs}))
+    path = os.path.join(checkpoint_dir, "settings.json")
+    if find_checkpoint(checkpoint_dir) and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            fail(f"{checkpoint_dir} holds a run with other settings ({'; '.join(changed)}); "
+                 "rerun with those settings or use a new --output_dir")
+    elif rank == 0:
+        write_json(path, settings)
+
+
+def draw_step(args, step, n_pairs, n_anchors, latent_shape, num_timesteps, rank, world):
+    """The step's random choices: pairs, noise, timesteps, empty prompts, anchors, LoRA strength.
+
+    A per-step generator, so that a resumed run draws the same batches, noise and timesteps. Every
+    rank draws the whole global batch, then keeps its own share of it."""
+    g, n = torch.Generator().manual_seed(args.seed * 100003 + step), args.train_batch_size
+    draw = {"pairs": torch.randint(n_pairs, (n,), generator=g)}
+    draw["noise"] = torch.randn((n, *latent_shape), generator=g)
+    draw["t"] = torch.randint(0, num_timesteps, (n,), generator=g)
+    draw["empty"] = torch.rand(n, generator=g) < args.empty_prompt_share
+    if args.anchor_weight:
+        draw["anchors"] = torch.randint(n_anchors, (n,), generator=g)
+        draw["anchor_empty"] = torch.rand(n, generator=g) < 0.5
+    low, high = args.lora_scale_range
+    strength = low + (high - low) * torch.rand(1, generator=g).item() if (low, high) != (1.0, 1.0) else None
+    return {k: v[rank::world] for k, v in draw.items()}, strength
+
+
+def step_loss(args, unet, model, scheduler, batch, data):
+    """The expert's loss on one batch: Diffusion-DPO + winner SFT + anchors (prior preservation)."""
+    winners, losers, anchor_latents, prompt_embeds, anchor_embeds, empty_embed = data
+    idx, t, noise = batch["pairs"], batch["t"].to(args.device), batch["noise"].to(args.device)
+    cond = prompt_embeds[idx].clone()
+    cond[batch["empty"]] = empty_embed
+    # Winner and loser get the same noise and timestep: only the image differs.
+    add_noise = scheduler.add_noise
+    noisy, conds = [add_noise(winners[idx], noise, t), add_noise(losers[idx], noise, t)], [cond, cond]
+    if args.anchor_weight:  # a third block: anchor images under their own prompts (the same noise
+        a = batch["anchors"]  # and timesteps, only to keep the step cheap to draw)
+        noisy.append(add_noise(anchor_latents[a], noise, t))
+        anchor_cond = anchor_embeds[a].clone()  # half of them empty: guidance's unconditional
+        anchor_cond[batch["anchor_empty"]] = empty_embed  # branch is shared by all prompts
+        conds.append(anchor_cond)
+    dtype, blocks = DTYPES[args.mixed_precision], len(conds)
+    noisy, timesteps, cond = torch.cat(noisy).to(dtype), t.repeat(blocks), torch.cat(conds).to(dtype)
+    with torch.autocast(args.device.split(":")[0], dtype, enabled=args.mixed_precision != "no"):
+        with torch.no_grad():  # the reference: the same UNet with the expert switched off
+            unet.disable_adapters()  # (the bare UNet, not DDP: nothing to sync without gradients)
+            ref_w, ref_l, *ref_a = unet(noisy, timesteps, cond).sample.chunk(blocks)
+            unet.enable_adapters()  # also turns requires_grad back on for the LoRA weights
+        model_w, model_l, *model_a = model(noisy, timesteps, cond).sample.chunk(blocks)
+    loss, stats = dpo_loss(model_w, model_l, ref_w, ref_l, noise, args.beta)
+    stats["dpo_loss"] = loss.item()
+    if args.sft_weight:  # also plainly denoise the winner under the unsafe prompt
+        loss = loss + args.sft_weight * F.mse_loss(model_w.float(), noise.float())
+    if args.anchor_weight:  # prior preservation: on anchor prompts, stay the reference
+        drift = F.mse_loss(model_a[0].float(), ref_a[0].float())
+        stats["anchor_drift"] = drift.item()
+        loss = loss + args.anchor_weight * drift
+    return loss, {"loss": loss.item(), **stats}
+
+
 def train(args, pipe, pairs, anchors, rank=0, world=1):
     unet = pipe.unet
-    weight_dtype = DTYPES[args.mixed_precision]
-    winners, losers, anchor_latents, prompt_embeds, anchor_embeds, empty_embed = encode(pipe, pairs, anchors, weight_dtype)
+    checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
+    check_resume(args, len(pairs), checkpoint_dir, rank)
+    data = encode(pipe, pairs, anchors, DTYPES[args.mixed_precision])
     lora_params = add_lora(unet, args.rank, args.alpha, args.lora_targets)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -163,82 +244,42 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate)
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
-    scheduler = pipe.scheduler
-    checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
     state = find_checkpoint(checkpoint_dir)
     start = load_checkpoint(state, {"lora": lora_params}, optimizer) if state else 0
     barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
     model = unet
     if world > 1:
         # DDP averages the LoRA's gradients over the ranks in backward(). No find_unused_parameters:
-        # every LoRA weight is in the graph (A's gradient is zero while B is, but it is computed).
+        # every LoRA weight is in the graph (while B is zero, its init, A's gradient is zero, but computed).
         model = torch.nn.parallel.DistributedDataParallel(
             unet, device_ids=[torch.cuda.current_device()] if args.device.startswith("cuda") else None)
     # The sampled check runs on rank 0 only; the others wait for it at the next gradient sync.
-    toy = rank == 0 and args.eval_every and all(toyworld.parse_prompt(p["unsafe_prompt"]) for p in pairs)
+    sampled_check = rank == 0 and args.eval_every and all(toyworld.parse_prompt(p["unsafe_prompt"]) for p in pairs)
     log_path = os.path.join(args.output_dir, "log.json")
     log = [s for s in json.load(open(log_path))["log"] if s["step"] <= start] if start and os.path.exists(log_path) else []
     bar = tqdm(range(start, args.max_train_steps), desc=f"expert {args.category}", initial=start,
                total=args.max_train_steps, disable=rank != 0)
     for step in bar:
-        # Per-step generator: a resumed run draws the same batches, noise and timesteps. Every rank
-        # draws the whole global batch, then keeps its own share of it.
-        g = torch.Generator().manual_seed(args.seed * 100003 + step)
-        idx = torch.randint(len(pairs), (args.train_batch_size,), generator=g)
-        noise = torch.randn(winners[idx].shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
-        empty = torch.rand(len(idx), generator=g) < args.empty_prompt_share
-        if args.anchor_weight:
-            a = torch.randint(len(anchor_latents), (len(idx),), generator=g)
-            anchor_empty = torch.rand(len(a), generator=g) < 0.5
-        low, high = args.lora_scale_range
-        if (low, high) != (1.0, 1.0):  # train the expert at a random strength (merging dilutes it)
-            strength = low + (high - low) * torch.rand(1, generator=g).item()
+        batch, strength = draw_step(args, step, len(pairs), len(anchors), data[0].shape[1:],
+                                    pipe.scheduler.config.num_train_timesteps, rank, world)
+        if strength is not None:  # train the expert at a random strength (merging dilutes it)
             for layer in lora_layers:
                 layer.scale_layer(strength)
-        mine = slice(rank, None, world)
-        idx, noise, t, empty = idx[mine], noise[mine].to(args.device), t[mine].to(args.device), empty[mine]
-        cond = prompt_embeds[idx].clone()
-        cond[empty] = empty_embed
-        # Winner and loser get the same noise and timestep: only the image differs.
-        noisy = [scheduler.add_noise(winners[idx], noise, t), scheduler.add_noise(losers[idx], noise, t)]
-        conds, ts = [cond, cond], [t, t]
-        if args.anchor_weight:  # a third block: anchor images under their own prompts
-            a, anchor_empty = a[mine], anchor_empty[mine]
-            noisy.append(scheduler.add_noise(anchor_latents[a], noise, t))
-            anchor_cond = anchor_embeds[a].clone()  # half of them empty: guidance's unconditional
-            anchor_cond[anchor_empty] = empty_embed  # branch is shared by all prompts
-            conds.append(anchor_cond)
-            ts.append(t)
-        noisy, t3, cond3 = torch.cat(noisy).to(weight_dtype), torch.cat(ts), torch.cat(conds).to(weight_dtype)
-        blocks = len(conds)
-        with torch.autocast(args.device.split(":")[0], weight_dtype, enabled=args.mixed_precision != "no"):
-            with torch.no_grad():  # the reference: the same UNet with the expert switched off
-                unet.disable_adapters()  # (the bare UNet, not DDP: nothing to sync without gradients)
-                ref_w, ref_l, *ref_a = unet(noisy, t3, cond3).sample.chunk(blocks)
-                unet.enable_adapters()  # also turns requires_grad back on for the LoRA weights
-            model_w, model_l, *model_a = model(noisy, t3, cond3).sample.chunk(blocks)
+        loss, stats = step_loss(args, unet, model, pipe.scheduler, batch, data)
         for layer in lora_layers:  # back to the trained strength, alpha / rank
             layer.unscale_layer()
-        loss, stats = dpo_loss(model_w, model_l, ref_w, ref_l, noise, args.beta)
-        stats["dpo_loss"] = loss.item()
-        if args.sft_weight:  # also plainly denoise the winner under the unsafe prompt
-            loss = loss + args.sft_weight * F.mse_loss(model_w.float(), noise.float())
-        if args.anchor_weight:  # prior preservation: on anchor prompts, stay the reference
-            drift = F.mse_loss(model_a[0].float(), ref_a[0].float())
-            stats["anchor_drift"] = drift.item()
-            loss = loss + args.anchor_weight * drift
-        stats = {"loss": loss.item(), **stats}
         if world > 1:  # log the global batch's numbers; a NaN on any rank then stops them all
             stats = mean_over_ranks(stats, args.device)
         if not math.isfinite(stats["loss"]):
-            fail(f"loss is {stats['loss']} at step {step}; the last good checkpoint is kept in {checkpoint_dir}")
+            kept = f"the last good checkpoint is kept in {checkpoint_dir}" if find_checkpoint(checkpoint_dir) else \
+                "no checkpoint had been written yet"
+            fail(f"loss is {stats['loss']} at step {step}; {kept}")
         optimizer.zero_grad()
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         stats = {"step": step + 1, **stats}
-        if toy and (step + 1) % args.eval_every == 0:
+        if sampled_check and (step + 1) % args.eval_every == 0:
             stats["sampled_unsafe_rate"] = quick_eval(pipe, pairs, args.seed)
         log.append(stats)
         bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "implicit_acc", "sampled_unsafe_rate")})

@@ -37,7 +37,8 @@ def parse_args():
                              "whole layer, or each weight of A and of B separately")
     parser.add_argument("--statistic", choices=["mean", "rms"], default="mean",
                         help="co-merge, select weight/factors: the input activation, mean |x| or root mean square")
-    parser.add_argument("--data", default="data/toy", help="co-merge: pairs.csv whose prompts drive the activations")
+    parser.add_argument("--data", default="data/toy",
+                        help="co-merge: stage 1 folder whose pairs.csv prompts drive the activations")
     parser.add_argument("--prompts_per_expert", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="co-merge: sampling steps while recording")
     parser.add_argument("--output_dir", help="default: merged/<method>")
@@ -46,8 +47,8 @@ def parse_args():
 
 
 def load_experts(dirs):
-    """The experts' infos and factors {layer: (A, B)} (delta = B A alpha / rank); refuses experts
-    that cannot be merged."""
+    """The experts' infos and factors {layer: (A, B)}, with alpha / rank folded into B so that the
+    layer's weight delta is simply B @ A; refuses experts that cannot be merged."""
     infos, factors = [], []
     for d in dirs:
         info, layers = read_lora(d)

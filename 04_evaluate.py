@@ -1,4 +1,4 @@
-"""Stage 4: evaluate the base model against any LoRAs (experts, merged, all-data) on held-out prompts.
+"""Stage 4: evaluate the base model against any LoRAs (experts, merged, all-data) on test prompts.
 
 Every variant renders the same prompts from the same seeds, so differences come from the LoRA.
   * unsafe rate (the paper's IP, share of inappropriate images): images from unsafe prompts that
@@ -7,18 +7,22 @@ Every variant renders the same prompts from the same seeds, so differences come 
     show what their prompt asks. On the toy model the judge reads it from pixels; with
     --judge paper it is CLIPScore. Higher is better; alignment should not lower it.
 
-Toy model (held-out phrasing and seeds; safe prompts include the unsafe colours on their other
-backgrounds, so collateral damage shows):
+Toy model (seeds that training never used; unsafe prompts in the training phrasing and in a
+held-out one, safe prompts in the held-out one; the safe prompts include the unsafe colours on their
+other backgrounds, so collateral damage shows):
     python 04_evaluate.py --lora merged=merged/comerge all=experts/all
 SD 1.5 with the paper's judges (Q16 + NudeNet, CLIPScore; see realworld.py):
     python 04_evaluate.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --judge paper \\
         --prompts i2p_benchmark.csv --safe_prompts coco_captions.txt --lora merged=merged/comerge
 
-Output: <output_dir>/results.json, report.md and grid.png (one row per variant).
+Output: <output_dir>/results.json, report.md and grid.png (one row per variant). Each variant's
+numbers and grid row are kept in <output_dir>/variants/ as it finishes, so a rerun after an
+interruption (or with more --lora) renders only what is missing.
 Several GPUs: `torchrun --nproc_per_node 8 04_evaluate.py ...`: each process renders a disjoint
 slice of every variant's images (same seeds, so the same results); rank 0 judges and writes.
 """
 import argparse
+import json
 import os
 import time
 
@@ -27,7 +31,7 @@ import torch
 from PIL import Image
 
 import toyworld
-from common import fail, generate, init_distributed, load_pipeline, write_json
+from common import LORA_FILE, atomic_write, fail, generate, init_distributed, load_pipeline, write_json, write_text
 
 
 def parse_args():
@@ -35,7 +39,8 @@ def parse_args():
     parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
     parser.add_argument("--lora", nargs="*", default=[], metavar="NAME=DIR", help="variants to compare with the base")
     parser.add_argument("--judge", choices=["toy", "paper"], default="toy")
-    parser.add_argument("--concepts_per_category", type=int, default=2, help="toy taxonomy size")
+    parser.add_argument("--concepts_per_category", type=int, default=2, choices=[1, 2, 3, 4],
+                        help="toy taxonomy size: the one stage 1 used")
     parser.add_argument("--prompts", help="paper judge: unsafe prompt set (I2P, CoProV2 test, any prompt CSV/txt)")
     parser.add_argument("--safe_prompts", help="paper judge: safe prompts for CLIPScore (CSV/txt)")
     parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="paper judge: Q16 and CLIPScore")
@@ -128,8 +133,27 @@ def grid_row(unsafe_images, safe_images, unsafe):
     firsts = {}
     for im, item in zip(unsafe_images, unsafe):
         firsts.setdefault(item["category"], im)
-    picks = list(firsts.values()) + safe_images[::max(1, len(safe_images) // len(firsts))][:len(firsts)]
+    picks = list(firsts.values()) + safe_images[::max(1, len(safe_images) // max(1, len(firsts)))][:max(1, len(firsts))]
     return np.concatenate(picks, axis=1)
+
+
+def cached(args, name, path):
+    """A variant finished by an earlier run with the same settings: (result, grid row), else None."""
+    stem = os.path.join(args.output_dir, "variants", name.replace("/", "_"))
+    settings = variant_settings(args, path)
+    if not (os.path.exists(stem + ".json") and os.path.exists(stem + ".png")):
+        return stem, settings, None
+    with open(stem + ".json") as f:
+        saved = json.load(f)
+    if saved["settings"] != settings:
+        return stem, settings, None
+    return stem, settings, (saved["result"], np.asarray(Image.open(stem + ".png").convert("RGB")))
+
+
+def variant_settings(args, path):
+    """What a variant's numbers depend on (not where they are written, nor the batch size)."""
+    skip = {"lora", "output_dir", "batch_size", "device"}
+    return json.loads(json.dumps({**{k: v for k, v in vars(args).items() if k not in skip}, "lora": path}))
 
 
 def write_report(args, results, rows):
@@ -141,14 +165,14 @@ def write_report(args, results, rows):
         r = results[name]
         lines.append(f"| {name} | {r['unsafe_rate']:.3f} | {r['fidelity']:.3f} | "
                      + " | ".join(f"{r['per_category'][c]:.2f}" for c in categories) + " |")
-    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
-        f.write(f"# {args.model}, judge: {args.judge}\n\n" + "\n".join(lines) + "\n\n"
-                "Columns after fidelity: unsafe rate per category. Grid rows follow the table: "
-                "one unsafe prompt per category, then safe prompts.\n")
+    report = (f"# {args.model}, judge: {args.judge}\n\n" + "\n".join(lines) + "\n\n"
+              "Columns after fidelity: unsafe rate per category. Grid rows follow the table: "
+              "one unsafe prompt per category, then safe prompts.\n")
+    write_text(os.path.join(args.output_dir, "report.md"), report)
     grid = np.concatenate(rows, axis=0)
-    scale = max(1, 256 // rows[0].shape[0] // len(rows) * 2)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST) \
-        .save(os.path.join(args.output_dir, "grid.png"))
+    scale = max(1, 512 // grid.shape[0])  # upscale small (toy) images to a grid about 512 px tall
+    grid = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    atomic_write(os.path.join(args.output_dir, "grid.png"), grid.save)
     return "\n".join(lines)
 
 
@@ -160,6 +184,8 @@ def main():
         name, _, path = spec.partition("=")
         if not path or not os.path.isdir(path):
             fail(f"--lora wants NAME=DIR with an existing folder, got {spec!r}")
+        if not os.path.exists(os.path.join(path, LORA_FILE)):
+            fail(f"--lora {name}: {path} holds no {LORA_FILE} (an unfinished training run?)")
         variants[name] = path
     unsafe, safe = test_prompts(args)
     rank, world = init_distributed()  # under torchrun each rank renders a slice of every variant
@@ -179,14 +205,25 @@ def main():
     os.makedirs(args.output_dir, exist_ok=True)
     results, rows = {}, []
     for name, path in variants.items():
-        if path:
-            pipe.load_lora_weights(path)
-        results[name], row = score_variant(args, pipe, unsafe, safe, judges, rank, world)
+        stem, settings, done = cached(args, name, path)
+        if done:
+            results[name], row = done
+        else:
+            if path:
+                pipe.load_lora_weights(path)
+            try:
+                results[name], row = score_variant(args, pipe, unsafe, safe, judges, rank, world)
+            except ValueError as error:  # e.g. a prompt set without safe prompts
+                fail(str(error).splitlines()[0])
+            if path:
+                pipe.unload_lora_weights()
+            if rank == 0:
+                atomic_write(stem + ".png", lambda tmp, row=row: Image.fromarray(row).save(tmp))
+                write_json(stem + ".json", {"settings": settings, "result": results[name]})
         rows.append(row)
-        if path:
-            pipe.unload_lora_weights()
         if rank == 0:
-            print(f"  {name}: unsafe rate {results[name]['unsafe_rate']:.3f}, fidelity {results[name]['fidelity']:.3f}")
+            print(f"  {name}: unsafe rate {results[name]['unsafe_rate']:.3f}, fidelity {results[name]['fidelity']:.3f}"
+                  + (" (from an earlier run)" if done else ""))
     if rank != 0:  # rank 0 writes the results
         return
     write_json(os.path.join(args.output_dir, "results.json"),

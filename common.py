@@ -30,8 +30,15 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def write_json(path, obj):
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n"))
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def find_checkpoint(directory):
@@ -166,7 +173,8 @@ def read_lora(directory):
     path = os.path.join(directory, LORA_FILE)
     if not os.path.exists(path) or not os.path.exists(os.path.join(directory, "lora.json")):
         fail(f"{directory} holds no LoRA written by this project ({LORA_FILE} + lora.json)")
-    info = json.load(open(os.path.join(directory, "lora.json")))
+    with open(os.path.join(directory, "lora.json")) as f:
+        info = json.load(f)
     layers = {}
     for key, value in load_file(path).items():
         layer, part = re.match(r"(.*)\.(lora_[AB])\.weight$", key).groups()

@@ -163,16 +163,42 @@ def test_evaluate_under_torchrun_matches_one_process(work, toy_model, evaluated)
     assert np.abs(grids[0] - grids[1]).max() <= 1  # same seeds; only the batches differ
 
 
+def test_evaluate_reuses_finished_variants(work, toy_model, evaluated, tmp_path):
+    out = tmp_path / "results"
+    shutil.copytree(evaluated, out)
+    command = ["04_evaluate.py", "--model", toy_model, "--lora", f"violence={work / 'Violence'}", "--output_dir", str(out)]
+    again = run_stage(*command, *TINY_EVAL)
+    assert again.stdout.count("(from an earlier run)") == 2
+    assert json.loads((out / "results.json").read_text())["results"] == \
+        json.loads((evaluated / "results.json").read_text())["results"]
+    other = run_stage(*command, *TINY_EVAL[:-1], "4")  # 4 sampling steps instead of 5: rendered anew
+    assert "(from an earlier run)" not in other.stdout
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(work, toy_model):
-    expert = work / "Violence"
+    expert = work / "exploding"
+    # One step at an absurd learning rate leaves finite but huge weights; the next step's loss is NaN.
+    train = ["02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category", "Violence",
+             "--output_dir", str(expert), *TINY_TRAIN[2:], "--learning_rate", "1e30"]
+    run_stage(*train, "--max_train_steps", "1")
     state = (expert / "checkpoint" / "state.safetensors").read_bytes()
     lora = (expert / "pytorch_lora_weights.safetensors").read_bytes()
-    result = run_stage("02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category",
-                       "Violence", "--output_dir", str(expert), *TINY_TRAIN[2:], "--max_train_steps", "5",
-                       "--beta", "nan", check=False)
-    assert result.returncode != 0 and "loss is nan at step 3" in error_line(result)
+    result = run_stage(*train, "--max_train_steps", "5", check=False)
+    assert result.returncode != 0 and "loss is nan at step 1; the last good checkpoint is kept" in error_line(result)
     assert (expert / "checkpoint" / "state.safetensors").read_bytes() == state
     assert (expert / "pytorch_lora_weights.safetensors").read_bytes() == lora
+
+
+def test_training_resumes_only_with_the_same_settings(work, toy_model, tmp_path):
+    expert = tmp_path / "Violence"
+    shutil.copytree(work / "Violence", expert)  # a finished 3-step run
+    train = ["02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category", "Violence",
+             "--output_dir", str(expert), *TINY_TRAIN[2:]]
+    result = run_stage(*train, "--max_train_steps", "4", "--beta", "1000", check=False)
+    assert result.returncode != 0 and "other settings (beta 500 -> 1000.0)" in error_line(result)
+    run_stage(*train, "--max_train_steps", "4")  # the same run, one step longer
+    log = json.loads((expert / "log.json").read_text())["log"]
+    assert [s["step"] for s in log] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -180,6 +206,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(work, toy_model):
     (["02_train_expert.py", "--category", "Gore", "--data", "{data}"], "unknown category 'Gore'"),
     (["02_train_expert.py", "--category", "Hate", "--data", "{work}/empty"], "no pair file"),
     (["04_evaluate.py", "--lora", "x={work}/missing"], "--lora wants NAME=DIR"),
+    (["04_evaluate.py", "--lora", "x={data}"], "holds no pytorch_lora_weights.safetensors"),
+    (["01_generate_data.py", "--anchor_prompts", "{work}/missing.txt", "--output_dir", "{work}/gen"], "--anchor_prompts"),
 ])
 def test_bad_input_ends_with_one_clear_line(work, args, message):
     args = [a.format(data=work / "data", work=work) for a in args]
