@@ -6,7 +6,9 @@ the conditional branch only, or to the unconditional one only, and reports the u
 fidelity each time; then, for the LoRA on both branches, which safe prompts lose fidelity and which
 attribute the model gets wrong.
 
-    python docs/diagnose_interference.py results/study/seed0/x2/merged/cat results/study/seed0/x2/merged/comerge
+    python study.py    # first: the experts and merges below
+    python docs/diagnose_interference.py results/study/seed0/x2/merged/cat results/study/seed0/x2/merged/comerge \\
+        results/study/seed0/x2/experts/all
 """
 import argparse
 import collections
