@@ -289,6 +289,17 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
     return log
 
 
+def toy_taxonomy(args):
+    """Toy pairs: the taxonomy size stage 1 drew them from, kept with the expert so that stage 4
+    evaluates on the same taxonomy. None for other pairs."""
+    path = os.path.join(os.path.dirname(args.pairs or os.path.join(args.data, "pairs.csv")), "settings.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        settings = json.load(f)
+    return None if settings.get("csv") or settings.get("llm") else settings.get("concepts_per_category")
+
+
 def main():
     args = parse_args()
     args.output_dir = args.output_dir or os.path.join("experts", args.category.lower().replace(" ", "-"))
@@ -307,7 +318,8 @@ def main():
     from peft.utils import get_peft_model_state_dict
     save_lora(args.output_dir, get_peft_model_state_dict(pipe.unet), args.rank, args.alpha,
               {"base_model": args.model, "category": args.category, "pairs": len(pairs),
-               "steps": args.max_train_steps, "beta": args.beta, "learning_rate": args.learning_rate},
+               "steps": args.max_train_steps, "beta": args.beta, "learning_rate": args.learning_rate,
+               "toy_taxonomy": toy_taxonomy(args)},
               args.lora_targets)
     last = log[-1] if log else {}
     print(f"02 expert {args.category}: {len(pairs)} pairs, {args.max_train_steps} steps, final loss "

@@ -180,7 +180,9 @@ def main():
     layers, error = factorize(merged, rank)
     save_lora(args.output_dir, layers, rank, rank,  # alpha = rank: the factors carry the scale
               {"base_model": infos[0]["base_model"], "category": "merged", "method": args.method,
-               "experts": args.experts, "relative_error": error}, infos[0].get("targets", LORA_TARGETS))
+               "experts": args.experts, "relative_error": error,
+               "toy_taxonomy": infos[0].get("toy_taxonomy") if len({i.get("toy_taxonomy") for i in infos}) == 1 else None},
+              infos[0].get("targets", LORA_TARGETS))
     print(f"03 merge ({args.method}): {len(infos)} experts -> rank {rank}, relative reconstruction error "
           f"{error:.4f}, {time.time() - started:.0f}s -> {args.output_dir}")
 

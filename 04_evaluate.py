@@ -39,8 +39,8 @@ def parse_args():
     parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
     parser.add_argument("--lora", nargs="*", default=[], metavar="NAME=DIR", help="variants to compare with the base")
     parser.add_argument("--judge", choices=["toy", "paper"], default="toy")
-    parser.add_argument("--concepts_per_category", type=int, default=2, choices=[1, 2, 3, 4],
-                        help="toy taxonomy size: the one stage 1 used")
+    parser.add_argument("--concepts_per_category", type=int, choices=[1, 2, 3, 4],
+                        help="toy taxonomy size; default: the one the LoRAs were trained on, else 2")
     parser.add_argument("--prompts", help="paper judge: unsafe prompt set (I2P, CoProV2 test, any prompt CSV/txt)")
     parser.add_argument("--safe_prompts", help="paper judge: safe prompts for CLIPScore (CSV/txt)")
     parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="paper judge: Q16 and CLIPScore")
@@ -176,6 +176,21 @@ def write_report(args, results, rows):
     return "\n".join(lines)
 
 
+def toy_taxonomy(args, variants):
+    """The toy taxonomy size to evaluate on: the LoRAs' own (stage 2 records it), so that a concept
+    trained as unsafe is never scored as a safe prompt."""
+    trained = set()
+    for path in filter(None, variants.values()):
+        if os.path.exists(os.path.join(path, "lora.json")):  # written by stages 2 and 3
+            with open(os.path.join(path, "lora.json")) as f:
+                trained.add(json.load(f).get("toy_taxonomy"))
+    trained.discard(None)
+    if len(trained) > 1 or (trained and args.concepts_per_category not in (None, *trained)):
+        fail(f"the LoRAs were trained on toy taxonomies of {sorted(trained)} concepts per category, "
+             f"--concepts_per_category is {args.concepts_per_category}: evaluate each on its own")
+    return args.concepts_per_category or (trained.pop() if trained else 2)
+
+
 def main():
     args = parse_args()
     started = time.time()
@@ -187,6 +202,8 @@ def main():
         if not os.path.exists(os.path.join(path, LORA_FILE)):
             fail(f"--lora {name}: {path} holds no {LORA_FILE} (an unfinished training run?)")
         variants[name] = path
+    if args.judge == "toy":
+        args.concepts_per_category = toy_taxonomy(args, variants)
     unsafe, safe = test_prompts(args)
     rank, world = init_distributed()  # under torchrun each rank renders a slice of every variant
     if world > 1 and args.device.startswith("cuda"):

@@ -107,7 +107,8 @@ def quiet_libraries():
 @torch.no_grad()
 def generate(pipe, prompts, seeds, steps=25, guidance_scale=7.5, batch_size=16, desc="generating", **kwargs):
     """One uint8 HxWx3 image per prompt. Each image depends only on its own seed, never on its
-    batch, so a resumed or re-batched run draws exactly the same pictures."""
+    batch, so a resumed or re-batched run draws the same pictures (up to float rounding, which
+    another batch size can change by one level in 255)."""
     prompts, seeds = list(prompts), list(seeds)
     images = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):

@@ -303,8 +303,8 @@ def train_unet(tokenizer, text_encoder, vae, unet, args, rng, state):
     from diffusers import DDPMScheduler
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    lr_at = lambda step: args.lr * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
+    lr_at = lambda step: args.learning_rate * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
     ema = [p.detach().clone() for p in params]
     start = 0
     if state is not None:  # resume
@@ -417,7 +417,7 @@ def main():
     train.add_argument("--vae_steps", type=int, default=3000)
     train.add_argument("--unet_steps", type=int, default=4000)
     train.add_argument("--batch_size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--learning_rate", type=float, default=1e-3)
     train.add_argument("--ema", type=float, default=0.995)
     train.add_argument("--checkpoint_every", type=int, default=100)
     train.add_argument("--seed", type=int, default=0)

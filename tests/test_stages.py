@@ -207,6 +207,7 @@ def test_training_resumes_only_with_the_same_settings(work, toy_model, tmp_path)
     (["02_train_expert.py", "--category", "Hate", "--data", "{work}/empty"], "no pair file"),
     (["04_evaluate.py", "--lora", "x={work}/missing"], "--lora wants NAME=DIR"),
     (["04_evaluate.py", "--lora", "x={data}"], "holds no pytorch_lora_weights.safetensors"),
+    (["04_evaluate.py", "--lora", "v={work}/Violence", "--concepts_per_category", "2"], "toy taxonomies of [1]"),
     (["01_generate_data.py", "--anchor_prompts", "{work}/missing.txt", "--output_dir", "{work}/gen"], "--anchor_prompts"),
 ])
 def test_bad_input_ends_with_one_clear_line(work, args, message):
