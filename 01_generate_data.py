@@ -63,13 +63,7 @@ def prompt_pairs(args, rank):
     if args.csv:
         return [(p["category"], p["unsafe_prompt"], p["safe_prompt"], p["index"]) for p in read_pairs(args.csv)]
     if args.llm:
-        path = os.path.join(args.output_dir, "llm_prompts.json")
-        if rank == 0 and not os.path.exists(path):  # sampled once, then reused: a rerun renders the same pairs
-            write_json(path, llm_prompts(args))
-        barrier()
-        with open(path) as f:
-            return [tuple(row) for row in json.load(f)]
-    # The toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs.
+        return saved_llm_prompts(args, rank)
     # The toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs.
     rows = toyworld.concept_prompts(toyworld.taxonomy(args.concepts_per_category), "train")
     by_concept = {}
@@ -83,19 +77,46 @@ def prompt_pairs(args, rank):
     return pairs
 
 
-def llm_prompts(args):
-    """Pairs written by an LLM for the concepts of --concepts (realworld.py's strict parser)."""
+def saved_llm_prompts(args, rank):
+    """LLM prompts are sampled once and saved, so that a rerun renders the same pairs; a rerun with
+    another LLM, concept list, count or seed is refused instead of mixing two prompt sets."""
+    path = os.path.join(args.output_dir, "llm_prompts.json")
+    concepts = read_concepts(args.concepts)
+    settings = {"llm": args.llm, "concepts": concepts, "pairs_per_concept": args.pairs_per_concept, "seed": args.seed}
+    if rank == 0 and not os.path.exists(path):
+        write_json(path, {"settings": settings, "pairs": llm_prompts(args, concepts)})
+    barrier()  # under torchrun the other ranks wait here while rank 0 runs the LLM
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("settings") != settings:
+        fail(f"{path} was written with other --llm/--concepts/--pairs_per_concept/--seed; use a new --output_dir")
+    return [tuple(row) for row in saved["pairs"]]
+
+
+def read_concepts(path):
+    """--concepts: JSON {category: [concept, ...]}, as [{category, concept}]."""
+    try:
+        with open(path or "") as f:
+            table = json.load(f)
+    except (OSError, ValueError) as error:
+        fail(f"--llm needs --concepts FILE.json ({{category: [concept, ...]}}): {error}")
+    if not isinstance(table, dict) or not all(isinstance(ks, list) and all(isinstance(k, str) for k in ks)
+                                              for ks in table.values()):
+        fail(f"--concepts {path}: expected {{category: [concept, ...]}} with strings for concepts")
+    return [{"category": c, "concept": k} for c, ks in table.items() for k in ks]
+
+
+def llm_prompts(args, concepts):
+    """Pairs written by an LLM for the concepts (realworld.py's strict parser)."""
     import realworld
     try:
-        with open(args.concepts or "") as f:
-            concepts = [{"category": c, "concept": k} for c, ks in json.load(f).items() for k in ks]
-    except (OSError, ValueError, AttributeError) as error:
-        fail(f"--llm needs --concepts FILE.json ({{category: [concept, ...]}}): {error}")
-    try:
-        rows, counts = realworld.write_prompts_with_llm(args.llm, concepts, args.pairs_per_concept, device=args.device)
+        rows, counts = realworld.write_prompts_with_llm(args.llm, concepts, args.pairs_per_concept,
+                                                        seed=args.seed, device=args.device)
     except (ValueError, RuntimeError, OSError) as error:
         fail(f"--llm {args.llm}: {str(error).splitlines()[0]}")
     print(f"llm prompts: {counts}")
+    if not rows:
+        fail(f"--llm {args.llm} wrote no usable prompt pair ({counts['rejected']})")
     return [(category, unsafe, safe, i) for i, (category, _, unsafe, safe) in enumerate(rows)]
 
 
@@ -149,6 +170,17 @@ def check_resume(args, jobs, rank):
     barrier()
 
 
+def check_paper_judge(args):
+    """Fail before rendering, not after, if the paper's judge cannot be had (the Q16 prompts are
+    offline, NudeNet is missing). Its CLIP model loads after rendering, to keep one model in memory."""
+    import realworld
+    try:
+        realworld.load_q16_prompts(args.q16_prompts)
+        realworld.load_nudenet()
+    except (ValueError, RuntimeError, OSError) as error:
+        fail(str(error).splitlines()[0])
+
+
 def image_names(index):
     return f"u_idx_{index}_0.png", f"s_idx_{index}_0.png"
 
@@ -176,6 +208,8 @@ def main():
     if not pairs:
         fail("no prompt pairs to render")
     anchors = read_anchor_prompts(args)
+    if args.filter == "paper" and rank == 0:
+        check_paper_judge(args)
     jobs = [job for p in pairs for job in zip(image_names(p[3]), p[1:3], [args.seed + p[3]] * 2)]
     jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
     image_dir = os.path.join(args.output_dir, "images")

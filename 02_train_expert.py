@@ -164,9 +164,10 @@ RESUME_KEYS = ("model", "category", "rank", "alpha", "lora_targets", "beta", "sf
                "lora_scale_range", "learning_rate", "train_batch_size", "empty_prompt_share", "mixed_precision", "seed")
 
 
-def check_resume(args, n_pairs, checkpoint_dir, rank):
+def check_resume(args, n_pairs, n_anchors, checkpoint_dir, rank):
     """Refuse to continue a checkpoint trained with other settings: the result would belong to neither."""
-    settings = json.loads(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS}, "pairs": n_pairs}))
+    settings = json.loads(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS}, "pairs": n_pairs,
+                                      "anchors": n_anchors}))
     path = os.path.join(checkpoint_dir, "settings.json")
     if find_checkpoint(checkpoint_dir) and os.path.exists(path):
         with open(path) as f:
@@ -234,7 +235,7 @@ def step_loss(args, unet, model, scheduler, batch, data):
 def train(args, pipe, pairs, anchors, rank=0, world=1):
     unet = pipe.unet
     checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
-    check_resume(args, len(pairs), checkpoint_dir, rank)
+    check_resume(args, len(pairs), len(anchors), checkpoint_dir, rank)
     data = encode(pipe, pairs, anchors, DTYPES[args.mixed_precision])
     lora_params = add_lora(unet, args.rank, args.alpha, args.lora_targets)
     if args.gradient_checkpointing:
@@ -246,6 +247,9 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
     state = find_checkpoint(checkpoint_dir)
     start = load_checkpoint(state, {"lora": lora_params}, optimizer) if state else 0
+    if start > args.max_train_steps:
+        fail(f"{checkpoint_dir} is at step {start}, past --max_train_steps {args.max_train_steps}; "
+             "use a new --output_dir for a shorter run")
     barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
     model = unet
     if world > 1:
@@ -289,14 +293,17 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
     return log
 
 
-def toy_taxonomy(args):
-    """Toy pairs: the taxonomy size stage 1 drew them from, kept with the expert so that stage 4
-    evaluates on the same taxonomy. None for other pairs."""
-    path = os.path.join(os.path.dirname(args.pairs or os.path.join(args.data, "pairs.csv")), "settings.json")
-    if not os.path.exists(path):
+def toy_taxonomy(pairs_csv):
+    """Toy pairs: the taxonomy size stage 1 drew them from (its settings.json beside pairs.csv), kept
+    with the expert so that stage 4 evaluates on the same taxonomy. None for other pairs."""
+    path = os.path.join(os.path.dirname(pairs_csv), "settings.json")
+    if os.path.basename(pairs_csv) != "pairs.csv" or not os.path.exists(path):
         return None
-    with open(path) as f:
-        settings = json.load(f)
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except ValueError as error:
+        fail(f"{path}: not stage 1's settings ({error})")
     return None if settings.get("csv") or settings.get("llm") else settings.get("concepts_per_category")
 
 
@@ -310,16 +317,17 @@ def main():
         args.device = f"cuda:{torch.cuda.current_device()}"
     if args.train_batch_size % world:
         fail(f"--train_batch_size {args.train_batch_size} does not split evenly over {world} processes")
-    pairs = load_training_pairs(args)
+    pairs_csv = args.pairs or os.path.join(args.data, "pairs.csv")
+    pairs, anchors, taxonomy = load_training_pairs(args), load_anchors(args, pairs_csv), toy_taxonomy(pairs_csv)
     pipe = load_pipeline(args.model, args.device, DTYPES[args.mixed_precision])
-    log = train(args, pipe, pairs, load_anchors(args, args.pairs or os.path.join(args.data, "pairs.csv")), rank, world)
+    log = train(args, pipe, pairs, anchors, rank, world)
     if rank != 0:  # rank 0 writes the expert
         return
     from peft.utils import get_peft_model_state_dict
     save_lora(args.output_dir, get_peft_model_state_dict(pipe.unet), args.rank, args.alpha,
               {"base_model": args.model, "category": args.category, "pairs": len(pairs),
                "steps": args.max_train_steps, "beta": args.beta, "learning_rate": args.learning_rate,
-               "toy_taxonomy": toy_taxonomy(args)},
+               "toy_taxonomy": taxonomy},
               args.lora_targets)
     last = log[-1] if log else {}
     print(f"02 expert {args.category}: {len(pairs)} pairs, {args.max_train_steps} steps, final loss "

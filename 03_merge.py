@@ -61,6 +61,9 @@ def load_experts(dirs):
             fail(f"{d} has rank {info['rank']}, {dirs[0]} rank {infos[0]['rank']}: retrain with one rank")
         if layers.keys() != factors[0].keys():
             fail(f"{d} adapts other layers than {dirs[0]}")
+        if info.get("toy_taxonomy") != infos[0].get("toy_taxonomy"):
+            fail(f"{d} was trained on a toy taxonomy of {info.get('toy_taxonomy')} concepts per category, "
+                 f"{dirs[0]} on {infos[0].get('toy_taxonomy')}")
     return infos, factors
 
 
@@ -181,7 +184,7 @@ def main():
     save_lora(args.output_dir, layers, rank, rank,  # alpha = rank: the factors carry the scale
               {"base_model": infos[0]["base_model"], "category": "merged", "method": args.method,
                "experts": args.experts, "relative_error": error,
-               "toy_taxonomy": infos[0].get("toy_taxonomy") if len({i.get("toy_taxonomy") for i in infos}) == 1 else None},
+               "toy_taxonomy": infos[0].get("toy_taxonomy")},
               infos[0].get("targets", LORA_TARGETS))
     print(f"03 merge ({args.method}): {len(infos)} experts -> rank {rank}, relative reconstruction error "
           f"{error:.4f}, {time.time() - started:.0f}s -> {args.output_dir}")

@@ -22,9 +22,11 @@ Several GPUs: `torchrun --nproc_per_node 8 04_evaluate.py ...`: each process ren
 slice of every variant's images (same seeds, so the same results); rank 0 judges and writes.
 """
 import argparse
+import hashlib
 import json
 import os
 import time
+import urllib.parse
 
 import numpy as np
 import torch
@@ -137,10 +139,11 @@ def grid_row(unsafe_images, safe_images, unsafe):
     return np.concatenate(picks, axis=1)
 
 
-def cached(args, name, path):
-    """A variant finished by an earlier run with the same settings: (result, grid row), else None."""
-    stem = os.path.join(args.output_dir, "variants", name.replace("/", "_"))
-    settings = variant_settings(args, path)
+def cached(args, name, path, dtype):
+    """A variant finished by an earlier run with the same settings. Returns where its files go,
+    the settings it depends on, and (result, grid row) if they are on disk, else None."""
+    stem = os.path.join(args.output_dir, "variants", urllib.parse.quote(name, safe=""))
+    settings = variant_settings(args, path, dtype)
     if not (os.path.exists(stem + ".json") and os.path.exists(stem + ".png")):
         return stem, settings, None
     with open(stem + ".json") as f:
@@ -150,10 +153,35 @@ def cached(args, name, path):
     return stem, settings, (saved["result"], np.asarray(Image.open(stem + ".png").convert("RGB")))
 
 
-def variant_settings(args, path):
-    """What a variant's numbers depend on (not where they are written, nor the batch size)."""
+def variant_settings(args, path, dtype):
+    """What a variant's numbers depend on (not where they are written, nor the batch size): the
+    options, the dtype, and the contents of the LoRA and the prompt files, so that a retrained LoRA
+    in the same folder is rendered anew. A local model folder is identified by its files' sizes and
+    modification times (hashing SD's 4 GB on every run would cost more than it saves)."""
     skip = {"lora", "output_dir", "batch_size", "device"}
-    return json.loads(json.dumps({**{k: v for k, v in vars(args).items() if k not in skip}, "lora": path}))
+    settings = {k: v for k, v in vars(args).items() if k not in skip}
+    settings.update(dtype=str(dtype), lora=path and sha256(os.path.join(path, LORA_FILE)),
+                    model_files=folder_stamp(args.model))
+    for key in ("prompts", "safe_prompts", "q16_prompts"):
+        if getattr(args, key) and os.path.isfile(getattr(args, key)):
+            settings[key + "_sha256"] = sha256(getattr(args, key))
+    return json.loads(json.dumps(settings))
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_stamp(model):
+    """[relative path, size, mtime] of every file of a local model folder; a hub id stands for itself."""
+    if not os.path.isdir(model):
+        return model
+    return sorted([os.path.relpath(os.path.join(root, n), model), os.path.getsize(os.path.join(root, n)),
+                   os.path.getmtime(os.path.join(root, n))] for root, _, names in os.walk(model) for n in names)
 
 
 def write_report(args, results, rows):
@@ -222,7 +250,7 @@ def main():
     os.makedirs(args.output_dir, exist_ok=True)
     results, rows = {}, []
     for name, path in variants.items():
-        stem, settings, done = cached(args, name, path)
+        stem, settings, done = cached(args, name, path, dtype)
         if done:
             results[name], row = done
         else:

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -250,7 +251,8 @@ def init_distributed():
         return 0, 1
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # a long timeout: ranks wait at barriers while rank 0 alone runs an LLM, a judge or a slow slice
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), world

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import read_lora, read_pairs
+from common import LORA_FILE, read_lora, read_pairs
 from conftest import error_line, load_stage, run_stage, run_torchrun
 
 TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "4", "--steps", "8", "--filter", "none"]
@@ -164,15 +164,20 @@ def test_evaluate_under_torchrun_matches_one_process(work, toy_model, evaluated)
 
 
 def test_evaluate_reuses_finished_variants(work, toy_model, evaluated, tmp_path):
-    out = tmp_path / "results"
+    out, lora = tmp_path / "results", tmp_path / "moved"
     shutil.copytree(evaluated, out)
-    command = ["04_evaluate.py", "--model", toy_model, "--lora", f"violence={work / 'Violence'}", "--output_dir", str(out)]
+    shutil.copytree(work / "Violence", lora)  # variants are known by their LoRA's contents, not its folder
+    command = ["04_evaluate.py", "--model", toy_model, "--lora", f"violence={lora}", "--output_dir", str(out)]
     again = run_stage(*command, *TINY_EVAL)
     assert again.stdout.count("(from an earlier run)") == 2
     assert json.loads((out / "results.json").read_text())["results"] == \
         json.loads((evaluated / "results.json").read_text())["results"]
     other = run_stage(*command, *TINY_EVAL[:-1], "4")  # 4 sampling steps instead of 5: rendered anew
     assert "(from an earlier run)" not in other.stdout
+    shutil.copy(work / "Hate" / LORA_FILE, lora / LORA_FILE)  # as if retrained in place
+    retrained = run_stage(*command, *TINY_EVAL[:-1], "4")  # the base model from the run above, the LoRA anew
+    assert retrained.stdout.count("(from an earlier run)") == 1 and "violence: unsafe rate" in retrained.stdout
+    assert "(from an earlier run)" not in retrained.stdout.split("violence: ")[1].splitlines()[0]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(work, toy_model):
@@ -214,6 +219,39 @@ def test_bad_input_ends_with_one_clear_line(work, args, message):
     args = [a.format(data=work / "data", work=work) for a in args]
     result = run_stage(*args, check=False)
     assert result.returncode != 0 and message in error_line(result) and error_line(result).startswith("error:")
+
+
+def test_inputs_that_contradict_earlier_outputs_are_refused(work, toy_model, tmp_path):
+    """Saved LLM prompts of other settings, a checkpoint past --max_train_steps, experts of two toy
+    taxonomies: each ends with one line, and what was written stays."""
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps({"Violence": ["a weapon"]}))
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    saved = json.dumps({"settings": {"llm": "other-llm", "concepts": [], "pairs_per_concept": 1, "seed": 0},
+                        "pairs": [["Violence", "a gun", "a toy", 0]]})
+    (gen / "llm_prompts.json").write_text(saved)
+    result = run_stage("01_generate_data.py", "--model", toy_model, "--llm", "my-llm", "--concepts", str(concepts),
+                       "--output_dir", str(gen), check=False)
+    assert result.returncode != 0 and "written with other --llm" in error_line(result)
+    assert (gen / "llm_prompts.json").read_text() == saved
+    concepts.write_text(json.dumps({"Violence": "a weapon"}))  # a string, not a list of concepts
+    result = run_stage("01_generate_data.py", "--llm", "my-llm", "--concepts", str(concepts), "--output_dir",
+                       str(tmp_path / "gen2"), check=False)
+    assert result.returncode != 0 and "expected {category: [concept, ...]}" in error_line(result)
+
+    expert = tmp_path / "Violence"
+    shutil.copytree(work / "Violence", expert)  # finished at step 3
+    result = run_stage("02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category",
+                       "Violence", "--output_dir", str(expert), *TINY_TRAIN[2:], "--max_train_steps", "2", check=False)
+    assert result.returncode != 0 and "at step 3, past --max_train_steps 2" in error_line(result)
+    assert (expert / LORA_FILE).read_bytes() == (work / "Violence" / LORA_FILE).read_bytes()
+
+    info = json.loads((expert / "lora.json").read_text())
+    (expert / "lora.json").write_text(json.dumps({**info, "toy_taxonomy": 2}))
+    result = run_stage("03_merge.py", str(work / "Hate"), str(expert), "--method", "linear",
+                       "--output_dir", str(tmp_path / "merged"), check=False)
+    assert result.returncode != 0 and "toy taxonomy of 2 concepts per category" in error_line(result)
 
 
 def test_bf16_training_keeps_the_lora_in_fp32(work, toy_model):
