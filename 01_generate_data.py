@@ -31,15 +31,16 @@ from tqdm import tqdm
 
 import toyworld
 from common import (atomic_write, barrier, fail, generate, init_distributed, load_pipeline, read_pairs,
-                    seed_everything, write_anchors, write_json, write_pairs)
+                    write_anchors, write_json, write_pairs)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
     parser.add_argument("--output_dir", default="data/toy")
-    parser.add_argument("--csv", help="official CoProV2 CSV (prompt,image,category) to take prompts from")
-    parser.add_argument("--llm", help="transformers text-generation model that writes the prompts")
+    source = parser.add_mutually_exclusive_group()  # default: the toy taxonomy
+    source.add_argument("--csv", help="official CoProV2 CSV (prompt,image,category) to take prompts from")
+    source.add_argument("--llm", help="transformers text-generation model that writes the prompts")
     parser.add_argument("--concepts", help="JSON {category: [concept, ...]} for --llm")
     parser.add_argument("--concepts_per_category", type=int, default=2, choices=[1, 2, 3, 4], help="toy taxonomy size")
     parser.add_argument("--pairs_per_concept", type=int, default=48, help="toy and --llm: pairs per unsafe concept")
@@ -59,22 +60,19 @@ def parse_args():
 
 
 def prompt_pairs(args, rank):
-    """The list of (category, unsafe prompt, safe prompt, pair index) to render."""
-    if args.csv:
-        return [(p["category"], p["unsafe_prompt"], p["safe_prompt"], p["index"]) for p in read_pairs(args.csv)]
-    if args.llm:
-        return saved_llm_prompts(args, rank)
-    # The toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs.
-    rows = toyworld.concept_prompts(toyworld.taxonomy(args.concepts_per_category), "train")
-    by_concept = {}
-    for category, concept, unsafe, safe in rows:
-        by_concept.setdefault((category, concept), []).append((unsafe, safe))
-    pairs = []
-    for (category, _), prompts in by_concept.items():
-        for j in range(args.pairs_per_concept):
-            unsafe, safe = prompts[j % len(prompts)]
-            pairs.append((category, unsafe, safe, len(pairs)))
-    return pairs
+    """The pairs to render: [{index, category, unsafe_prompt, safe_prompt}], numbered 0, 1, ..."""
+    if args.csv:  # renumbered: an official CSV may pair idx_N_0 and idx_N_1 under one N
+        rows = [(p["category"], p["unsafe_prompt"], p["safe_prompt"]) for p in read_pairs(args.csv)]
+    elif args.llm:
+        rows = saved_llm_prompts(args, rank)
+    else:  # the toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs
+        by_concept = {}
+        for category, concept, unsafe, safe in toyworld.concept_prompts(
+                toyworld.taxonomy(args.concepts_per_category), "train"):
+            by_concept.setdefault((category, concept), []).append((category, unsafe, safe))
+        rows = [prompts[j % len(prompts)] for prompts in by_concept.values() for j in range(args.pairs_per_concept)]
+    return [{"index": i, "category": category, "unsafe_prompt": unsafe, "safe_prompt": safe}
+            for i, (category, unsafe, safe) in enumerate(rows)]
 
 
 def saved_llm_prompts(args, rank):
@@ -90,7 +88,7 @@ def saved_llm_prompts(args, rank):
         saved = json.load(f)
     if saved.get("settings") != settings:
         fail(f"{path} was written with other --llm/--concepts/--pairs_per_concept/--seed; use a new --output_dir")
-    return [tuple(row) for row in saved["pairs"]]
+    return [tuple(row) for row in saved["pairs"]]  # (category, unsafe prompt, safe prompt)
 
 
 def read_concepts(path):
@@ -117,7 +115,7 @@ def llm_prompts(args, concepts):
     print(f"llm prompts: {counts}")
     if not rows:
         fail(f"--llm {args.llm} wrote no usable prompt pair ({counts['rejected']})")
-    return [(category, unsafe, safe, i) for i, (category, _, unsafe, safe) in enumerate(rows)]
+    return [(category, unsafe, safe) for category, _, unsafe, safe in rows]
 
 
 def read_anchor_prompts(args):
@@ -141,7 +139,7 @@ def render(args, jobs, image_dir):
     todo = [j for j in jobs if not os.path.exists(os.path.join(image_dir, j[0]))]
     if not todo:
         return 0
-    pipe = load_pipeline(args.model, args.device, torch.float16 if args.device.startswith("cuda") else torch.float32)
+    pipe = load_pipeline(args.model, args.device, render_dtype(args))
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     for i in tqdm(range(0, len(todo), args.batch_size), desc="rendering"):
         batch = todo[i:i + args.batch_size]
@@ -152,6 +150,10 @@ def render(args, jobs, image_dir):
     return len(todo)
 
 
+def render_dtype(args):
+    return torch.float16 if args.device.startswith("cuda") else torch.float32
+
+
 def check_resume(args, jobs, rank):
     """A rerun reuses the images on disk, so they must come from the same jobs: images are named
     by pair index, and other settings (more pairs per concept, another seed or model) would
@@ -159,7 +161,7 @@ def check_resume(args, jobs, rank):
     path = os.path.join(args.output_dir, "render.json")
     # through JSON and back, so that it compares equal to the file (tuples become lists)
     manifest = json.loads(json.dumps({"model": args.model, "steps": args.steps, "guidance_scale": args.guidance_scale,
-                                      "resolution": args.resolution, "jobs": jobs}))
+                                      "resolution": args.resolution, "dtype": str(render_dtype(args)), "jobs": jobs}))
     if os.path.exists(path):
         with open(path) as f:
             if json.load(f) != manifest:
@@ -189,17 +191,15 @@ def keep_pair(judge, image_dir, pair, ip_judge=None):
     """The filter: the loser must show the unsafe concept, the winner must not."""
     if judge == "none":
         return True
-    loser, winner = (Image.open(os.path.join(image_dir, n)).convert("RGB") for n in image_names(pair[3]))
+    loser, winner = (Image.open(os.path.join(image_dir, n)).convert("RGB") for n in image_names(pair["index"]))
     if judge == "toy":
-        unsafe, safe = toyworld.parse_prompt(pair[1]), toyworld.parse_prompt(pair[2])
-        return (toyworld.shows_concept(loser, (unsafe[0], unsafe[2]))
-                and toyworld.shows_concept(winner, (safe[0], safe[2])))
+        return (toyworld.shows_concept(loser, toyworld.concept_of(pair["unsafe_prompt"]))
+                and toyworld.shows_concept(winner, toyworld.concept_of(pair["safe_prompt"])))
     return ip_judge([loser, winner]) == [True, False]
 
 
 def main():
     args = parse_args()
-    seed_everything(args.seed)
     started = time.time()
     rank, world = init_distributed()  # under torchrun each rank renders its own slice
     if world > 1 and args.device.startswith("cuda"):
@@ -210,7 +210,9 @@ def main():
     anchors = read_anchor_prompts(args)
     if args.filter == "paper" and rank == 0:
         check_paper_judge(args)
-    jobs = [job for p in pairs for job in zip(image_names(p[3]), p[1:3], [args.seed + p[3]] * 2)]
+    # (file name, prompt, seed); a pair's loser and winner share their seed
+    jobs = [job for p in pairs for job in zip(image_names(p["index"]), (p["unsafe_prompt"], p["safe_prompt"]),
+                                              [args.seed + p["index"]] * 2)]
     jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
     image_dir = os.path.join(args.output_dir, "images")
     check_resume(args, jobs, rank)
@@ -220,7 +222,8 @@ def main():
         return
     judge, ip_judge = args.filter, None
     if judge == "auto":
-        judge = "toy" if all(toyworld.parse_prompt(p[1]) and toyworld.parse_prompt(p[2]) for p in pairs) else "none"
+        judge = "toy" if all(toyworld.concept_of(p["unsafe_prompt"]) and toyworld.concept_of(p["safe_prompt"])
+                             for p in pairs) else "none"
     if judge == "paper":  # Q16 + NudeNet, as stage 4 judges (realworld.py)
         import realworld
         try:
@@ -229,13 +232,13 @@ def main():
             fail(str(error).splitlines()[0])
     kept = [p for p in tqdm(pairs, desc=f"filter ({judge})") if keep_pair(judge, image_dir, p, ip_judge)]
     write_pairs(os.path.join(args.output_dir, "pairs.csv"),
-                [{"category": p[0], "unsafe_prompt": p[1], "safe_prompt": p[2], "loser_image": image_names(p[3])[0],
-                  "winner_image": image_names(p[3])[1]} for p in kept])
+                [{**p, "loser_image": image_names(p["index"])[0], "winner_image": image_names(p["index"])[1]}
+                 for p in kept])
     if anchors:
         write_anchors(os.path.join(args.output_dir, "anchors.csv"), [(a, f"a_idx_{i}_0.png") for i, a in enumerate(anchors)])
     per_category = {}
     for p in kept:
-        per_category[p[0]] = per_category.get(p[0], 0) + 1
+        per_category[p["category"]] = per_category.get(p["category"], 0) + 1
     write_json(os.path.join(args.output_dir, "settings.json"),
                {**vars(args), "filter_used": judge, "pairs": len(pairs), "kept": len(kept), "per_category": per_category})
     print(f"01 generate: {len(kept)} of {len(pairs)} pairs kept ({judge} filter), {rendered} rendered now, "

@@ -30,6 +30,7 @@ process trains on its share of the same global batch (--train_batch_size), so th
 depend on the number of processes, and a run may resume with a different one.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from tqdm import tqdm
 
 import toyworld
 from common import (LORA_TARGETS, add_lora, barrier, dpo_loss, fail, find_checkpoint, generate, init_distributed, load_checkpoint,
-                    load_pipeline, read_anchors, read_pairs, save_checkpoint, save_lora, seed_everything, write_json)
+                    load_pipeline, read_anchors, read_pairs, save_checkpoint, save_lora, write_json)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -124,6 +125,8 @@ def load_anchors(args, pairs_csv):
 def encode(pipe, pairs, anchors, dtype):
     """Latents of winners, losers and anchors, text embeddings of the unsafe and the anchor
     prompts, computed once: the VAE and the text encoder are frozen."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+
     def latents(paths):
         out = []
         for i in tqdm(range(0, len(paths), 32), desc="encoding images", leave=False):
@@ -131,7 +134,6 @@ def encode(pipe, pairs, anchors, dtype):
             pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(pipe.device, dtype) / 127.5 - 1
             out.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
         return torch.cat(out).float()
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     winners = latents([p["winner_image"] for p in pairs])
     losers = latents([p["loser_image"] for p in pairs])
     anchor_latents = latents([image for _, image in anchors]) if anchors else None
@@ -147,7 +149,7 @@ def quick_eval(pipe, pairs, seed):
     prompts = sorted({p["unsafe_prompt"] for p in pairs})
     prompts = (prompts * (32 // len(prompts) + 1))[:32]
     images = generate(pipe, prompts, range(10**6 + seed, 10**6 + seed + len(prompts)), steps=20, batch_size=32)
-    return float(np.mean([toyworld.shows_concept(im, toyworld.parse_prompt(p)[::2]) for im, p in zip(images, prompts)]))
+    return float(np.mean([toyworld.shows_concept(im, toyworld.concept_of(p)) for im, p in zip(images, prompts)]))
 
 
 def mean_over_ranks(stats, device):
@@ -164,23 +166,30 @@ RESUME_KEYS = ("model", "category", "rank", "alpha", "lora_targets", "beta", "sf
                "lora_scale_range", "learning_rate", "train_batch_size", "empty_prompt_share", "mixed_precision", "seed")
 
 
-def check_resume(args, n_pairs, n_anchors, checkpoint_dir, rank):
-    """Refuse to continue a checkpoint trained with other settings: the result would belong to neither."""
-    settings = json.loads(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS}, "pairs": n_pairs,
-                                      "anchors": n_anchors}))
+def check_resume(args, pairs, anchors, checkpoint_dir, process):
+    """Refuse to continue a checkpoint trained with other settings or other pairs (a regenerated
+    pairs.csv): the result would belong to neither run."""
+    def fingerprint(rows):  # prompts and image names, not paths: a moved data folder still resumes
+        names = [[os.path.basename(v) if k.endswith("image") else v for k, v in sorted(r.items())] for r in rows]
+        return hashlib.sha256(json.dumps(names).encode()).hexdigest()
+    settings = json.loads(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS}, "pairs": len(pairs),
+                                      "pairs_sha256": fingerprint(pairs), "anchors": len(anchors),
+                                      "anchors_sha256": fingerprint([{"prompt": p, "image": i} for p, i in anchors])}))
     path = os.path.join(checkpoint_dir, "settings.json")
-    if find_checkpoint(checkpoint_dir) and os.path.exists(path):
+    if find_checkpoint(checkpoint_dir):
+        if not os.path.exists(path):
+            fail(f"{checkpoint_dir} holds a checkpoint without its settings.json; use a new --output_dir")
         with open(path) as f:
             old = json.load(f)
         changed = [f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
         if changed:
             fail(f"{checkpoint_dir} holds a run with other settings ({'; '.join(changed)}); "
                  "rerun with those settings or use a new --output_dir")
-    elif rank == 0:
+    elif process == 0:
         write_json(path, settings)
 
 
-def draw_step(args, step, n_pairs, n_anchors, latent_shape, num_timesteps, rank, world):
+def draw_step(args, step, n_pairs, n_anchors, latent_shape, num_timesteps, process, world):
     """The step's random choices: pairs, noise, timesteps, empty prompts, anchors, LoRA strength.
 
     A per-step generator, so that a resumed run draws the same batches, noise and timesteps. Every
@@ -195,12 +204,12 @@ def draw_step(args, step, n_pairs, n_anchors, latent_shape, num_timesteps, rank,
         draw["anchor_empty"] = torch.rand(n, generator=g) < 0.5
     low, high = args.lora_scale_range
     strength = low + (high - low) * torch.rand(1, generator=g).item() if (low, high) != (1.0, 1.0) else None
-    return {k: v[rank::world] for k, v in draw.items()}, strength
+    return {k: v[process::world] for k, v in draw.items()}, strength
 
 
-def step_loss(args, unet, model, scheduler, batch, data):
+def step_loss(args, unet, model, scheduler, batch, encoded):
     """The expert's loss on one batch: Diffusion-DPO + winner SFT + anchors (prior preservation)."""
-    winners, losers, anchor_latents, prompt_embeds, anchor_embeds, empty_embed = data
+    winners, losers, anchor_latents, prompt_embeds, anchor_embeds, empty_embed = encoded
     idx, t, noise = batch["pairs"], batch["t"].to(args.device), batch["noise"].to(args.device)
     cond = prompt_embeds[idx].clone()
     cond[batch["empty"]] = empty_embed
@@ -232,11 +241,11 @@ def step_loss(args, unet, model, scheduler, batch, data):
     return loss, {"loss": loss.item(), **stats}
 
 
-def train(args, pipe, pairs, anchors, rank=0, world=1):
+def train(args, pipe, pairs, anchors, process=0, world=1):
     unet = pipe.unet
     checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
-    check_resume(args, len(pairs), len(anchors), checkpoint_dir, rank)
-    data = encode(pipe, pairs, anchors, DTYPES[args.mixed_precision])
+    check_resume(args, pairs, anchors, checkpoint_dir, process)
+    encoded = encode(pipe, pairs, anchors, DTYPES[args.mixed_precision])
     lora_params = add_lora(unet, args.rank, args.alpha, args.lora_targets)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -246,7 +255,7 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate)
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
     state = find_checkpoint(checkpoint_dir)
-    start = load_checkpoint(state, {"lora": lora_params}, optimizer) if state else 0
+    start = load_checkpoint(state, {"lora": lora_params}, optimizer, scaler) if state else 0
     if start > args.max_train_steps:
         fail(f"{checkpoint_dir} is at step {start}, past --max_train_steps {args.max_train_steps}; "
              "use a new --output_dir for a shorter run")
@@ -258,18 +267,18 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
         model = torch.nn.parallel.DistributedDataParallel(
             unet, device_ids=[torch.cuda.current_device()] if args.device.startswith("cuda") else None)
     # The sampled check runs on rank 0 only; the others wait for it at the next gradient sync.
-    sampled_check = rank == 0 and args.eval_every and all(toyworld.parse_prompt(p["unsafe_prompt"]) for p in pairs)
+    sampled_check = process == 0 and args.eval_every and all(toyworld.concept_of(p["unsafe_prompt"]) for p in pairs)
     log_path = os.path.join(args.output_dir, "log.json")
     log = [s for s in json.load(open(log_path))["log"] if s["step"] <= start] if start and os.path.exists(log_path) else []
     bar = tqdm(range(start, args.max_train_steps), desc=f"expert {args.category}", initial=start,
-               total=args.max_train_steps, disable=rank != 0)
+               total=args.max_train_steps, disable=process != 0)
     for step in bar:
-        batch, strength = draw_step(args, step, len(pairs), len(anchors), data[0].shape[1:],
-                                    pipe.scheduler.config.num_train_timesteps, rank, world)
+        batch, strength = draw_step(args, step, len(pairs), len(anchors), encoded[0].shape[1:],
+                                    pipe.scheduler.config.num_train_timesteps, process, world)
         if strength is not None:  # train the expert at a random strength (merging dilutes it)
             for layer in lora_layers:
                 layer.scale_layer(strength)
-        loss, stats = step_loss(args, unet, model, pipe.scheduler, batch, data)
+        loss, stats = step_loss(args, unet, model, pipe.scheduler, batch, encoded)
         for layer in lora_layers:  # back to the trained strength, alpha / rank
             layer.unscale_layer()
         if world > 1:  # log the global batch's numbers; a NaN on any rank then stops them all
@@ -287,8 +296,8 @@ def train(args, pipe, pairs, anchors, rank=0, world=1):
             stats["sampled_unsafe_rate"] = quick_eval(pipe, pairs, args.seed)
         log.append(stats)
         bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "implicit_acc", "sampled_unsafe_rate")})
-        if rank == 0 and ((step + 1) % args.checkpoint_every == 0 or step + 1 == args.max_train_steps):
-            save_checkpoint(checkpoint_dir, {"lora": lora_params}, optimizer, step + 1)
+        if process == 0 and ((step + 1) % args.checkpoint_every == 0 or step + 1 == args.max_train_steps):
+            save_checkpoint(checkpoint_dir, {"lora": lora_params}, optimizer, step + 1, scaler)
             write_json(log_path, {"args": vars(args), "log": log})
     return log
 
@@ -310,9 +319,9 @@ def toy_taxonomy(pairs_csv):
 def main():
     args = parse_args()
     args.output_dir = args.output_dir or os.path.join("experts", args.category.lower().replace(" ", "-"))
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)  # the expert's gaussian init; every training draw has its own generator
     started = time.time()
-    rank, world = init_distributed()  # under torchrun: DDP, each rank a share of every batch
+    process, world = init_distributed()  # under torchrun: DDP, each rank a share of every batch
     if world > 1 and args.device.startswith("cuda"):
         args.device = f"cuda:{torch.cuda.current_device()}"
     if args.train_batch_size % world:
@@ -320,14 +329,14 @@ def main():
     pairs_csv = args.pairs or os.path.join(args.data, "pairs.csv")
     pairs, anchors, taxonomy = load_training_pairs(args), load_anchors(args, pairs_csv), toy_taxonomy(pairs_csv)
     pipe = load_pipeline(args.model, args.device, DTYPES[args.mixed_precision])
-    log = train(args, pipe, pairs, anchors, rank, world)
-    if rank != 0:  # rank 0 writes the expert
+    log = train(args, pipe, pairs, anchors, process, world)
+    if process != 0:  # rank 0 writes the expert
         return
     from peft.utils import get_peft_model_state_dict
     save_lora(args.output_dir, get_peft_model_state_dict(pipe.unet), args.rank, args.alpha,
               {"base_model": args.model, "category": args.category, "pairs": len(pairs),
                "steps": args.max_train_steps, "beta": args.beta, "learning_rate": args.learning_rate,
-               "toy_taxonomy": taxonomy},
+               "toy_taxonomy": taxonomy, "pairs_csv": pairs_csv},
               args.lora_targets)
     last = log[-1] if log else {}
     print(f"02 expert {args.category}: {len(pairs)} pairs, {args.max_train_steps} steps, final loss "

@@ -37,8 +37,8 @@ def parse_args():
                              "whole layer, or each weight of A and of B separately")
     parser.add_argument("--statistic", choices=["mean", "rms"], default="mean",
                         help="co-merge, select weight/factors: the input activation, mean |x| or root mean square")
-    parser.add_argument("--data", default="data/toy",
-                        help="co-merge: stage 1 folder whose pairs.csv prompts drive the activations")
+    parser.add_argument("--data", help="co-merge: stage 1 folder whose pairs.csv prompts drive the activations "
+                        "(default: the pair CSV each expert was trained on)")
     parser.add_argument("--prompts_per_expert", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="co-merge: sampling steps while recording")
     parser.add_argument("--output_dir", help="default: merged/<method>")
@@ -73,13 +73,16 @@ def record_activations(args, infos, dirs, factors):
       "input":  per input feature j, mean |x_j| (or, --statistic rms, the root mean square);
       "output": per output feature i, mean |(dW x)_i|, the expert's own contribution;
       "hidden": per LoRA component k, mean |(A x)_k|."""
-    pairs = read_pairs(os.path.join(args.data, "pairs.csv"))
     pipe = load_pipeline(infos[0]["base_model"], args.device)
     activations = []
     for info, d, layers in zip(infos, tqdm(dirs, desc="recording activations"), factors):
-        prompts = sorted({p["unsafe_prompt"] for p in pairs if info["category"] in ("all", p["category"])})
+        pairs_csv = os.path.join(args.data, "pairs.csv") if args.data else info.get("pairs_csv")
+        if not pairs_csv:
+            fail(f"{d}/lora.json does not say which pairs it was trained on; pass --data")
+        prompts = sorted({p["unsafe_prompt"] for p in read_pairs(pairs_csv)
+                          if info["category"] in ("all", p["category"])})
         if not prompts:
-            fail(f"no prompts of category {info['category']!r} in {args.data}/pairs.csv")
+            fail(f"no prompts of category {info['category']!r} in {pairs_csv}")
         prompts = (prompts * args.prompts_per_expert)[:args.prompts_per_expert]
         pipe.load_lora_weights(d)
         sums, hooks = {}, []

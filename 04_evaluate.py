@@ -13,7 +13,7 @@ other backgrounds, so collateral damage shows):
     python 04_evaluate.py --lora merged=merged/comerge all=experts/all
 SD 1.5 with the paper's judges (Q16 + NudeNet, CLIPScore; see realworld.py):
     python 04_evaluate.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --judge paper \\
-        --prompts i2p_benchmark.csv --safe_prompts coco_captions.txt --lora merged=merged/comerge
+        --prompts i2p_benchmark.csv --safe_prompts coco_val_captions.txt --lora merged=merged/comerge
 
 Output: <output_dir>/results.json, report.md and grid.png (one row per variant). Each variant's
 numbers and grid row are kept in <output_dir>/variants/ as it finishes, so a rerun after an
@@ -63,7 +63,7 @@ def test_prompts(args):
     each prompt repeated once per seed. Published sets bring their own seeds and guidance (I2P)."""
     if args.judge == "toy":
         concepts = toyworld.taxonomy(args.concepts_per_category)
-        unsafe = [{"category": category, "prompt": p, "concept": toyworld.parse_prompt(p)[::2]}
+        unsafe = [{"category": category, "prompt": p, "concept": toyworld.concept_of(p)}
                   for category, _, p, _ in toyworld.concept_prompts(concepts, "test")]
         safe = [{"prompt": p} for p in toyworld.safe_prompts(concepts)]
     else:
@@ -124,7 +124,8 @@ def score_variant(args, pipe, unsafe, safe, judges, rank=0, world=1):
         fidelity = judges["clip_score"](safe_images, [item["prompt"] for item in safe])
     per_category = {}
     for flag, item in zip(flags, unsafe):
-        per_category.setdefault(item["category"], []).append(flag)
+        for category in item["category"].split(","):  # I2P tags a prompt with several ("sexual,violence")
+            per_category.setdefault(category.strip(), []).append(flag)
     rates = {c: float(np.mean(f)) for c, f in sorted(per_category.items())}
     return {"unsafe_rate": float(np.mean(flags)), "per_category": rates, "fidelity": fidelity}, \
         grid_row(unsafe_images, safe_images, unsafe)
@@ -219,17 +220,37 @@ def toy_taxonomy(args, variants):
     return args.concepts_per_category or (trained.pop() if trained else 2)
 
 
-def main():
-    args = parse_args()
-    started = time.time()
+def read_variants(args):
+    """{name: LoRA folder} from --lora NAME=DIR, with the base model first (folder None)."""
     variants = {"base": None}
     for spec in args.lora:
         name, _, path = spec.partition("=")
-        if not path or not os.path.isdir(path):
+        if not name or not path or not os.path.isdir(path):
             fail(f"--lora wants NAME=DIR with an existing folder, got {spec!r}")
+        if name in variants:
+            fail(f"--lora {spec}: the name {name!r} is taken" + (" by the base model" if name == "base" else ""))
         if not os.path.exists(os.path.join(path, LORA_FILE)):
             fail(f"--lora {name}: {path} holds no {LORA_FILE} (an unfinished training run?)")
+        info_path = os.path.join(path, "lora.json")  # this project's LoRAs say what they were trained on
+        base_model = json.load(open(info_path)).get("base_model") if os.path.exists(info_path) else None
+        if base_model and not same_model(base_model, args.model):
+            fail(f"--lora {name}: {path} was trained on {base_model}, not on --model {args.model}")
         variants[name] = path
+    return variants
+
+
+def same_model(a, b):
+    """Two local folders, or two hub ids: the same? A folder beside a hub id (a local snapshot, or a
+    relative path recorded from another directory) is given the benefit of the doubt."""
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return a == b or os.path.isdir(a) != os.path.isdir(b)
+
+
+def main():
+    args = parse_args()
+    started = time.time()
+    variants = read_variants(args)
     if args.judge == "toy":
         args.concepts_per_category = toy_taxonomy(args, variants)
     unsafe, safe = test_prompts(args)
@@ -245,8 +266,8 @@ def main():
             judges = {"ip": realworld.load_ip_judge(args.clip_model, args.q16_prompts, use_nudenet=not args.no_nudenet,
                                                     device=args.device, dtype=dtype),
                       "clip_score": lambda ims, ps: realworld.clip_score(ims, ps, args.clip_model, args.device, dtype)}
-        except (ValueError, RuntimeError) as error:
-            fail(str(error))
+        except (ValueError, RuntimeError, OSError) as error:
+            fail(str(error).splitlines()[0])
     os.makedirs(args.output_dir, exist_ok=True)
     results, rows = {}, []
     for name, path in variants.items():

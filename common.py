@@ -1,5 +1,7 @@
-"""What two or more stages share: the Diffusion-DPO loss, LoRA helpers, the CoProV2 pair CSV,
-pipeline loading and seeded generation, resumable checkpoints and atomic writes."""
+"""What two or more of the project's scripts share (the four stages, and toyworld.py, study.py and
+bench.py beside them): the Diffusion-DPO loss, LoRA helpers, the CoProV2 pair CSV, pipeline loading
+and seeded generation, resumable checkpoints and atomic writes. A file format's reader stays beside
+its writer, even where one stage writes and another reads."""
 import csv
 import json
 import os
@@ -47,18 +49,20 @@ def find_checkpoint(directory):
     return path if os.path.exists(path) else None
 
 
-def save_checkpoint(directory, tensors, optimizer, step):
-    """Lists of tensors (weights, EMA copies) and the optimizer state in one safetensors file."""
+def save_checkpoint(directory, tensors, optimizer, step, scaler=None):
+    """Lists of tensors (weights, EMA copies), the optimizer state and (fp16) the gradient scaler's
+    state in one safetensors file."""
     flat = {f"{name}.{i}": t.detach().contiguous().clone() for name, ts in tensors.items() for i, t in enumerate(ts)}
     state = optimizer.state_dict()
     for pid, entries in state["state"].items():
         for key, value in entries.items():
             flat[f"optimizer.{pid}.{key}"] = torch.as_tensor(value).clone()
-    meta = {"step": str(step), "param_groups": json.dumps(state["param_groups"])}
+    meta = {"step": str(step), "param_groups": json.dumps(state["param_groups"]),
+            "scaler": json.dumps(scaler.state_dict() if scaler is not None else {})}
     atomic_write(os.path.join(directory, "state.safetensors"), lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
-def load_checkpoint(path, tensors, optimizer):
+def load_checkpoint(path, tensors, optimizer, scaler=None):
     """Restore what `save_checkpoint` wrote, in place; returns the step to resume from."""
     from safetensors import safe_open
     flat = load_file(path)
@@ -74,6 +78,9 @@ def load_checkpoint(path, tensors, optimizer):
             _, pid, name = key.split(".", 2)
             state["state"].setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict(state)
+    scaler_state = json.loads(meta.get("scaler", "{}"))
+    if scaler is not None and scaler.is_enabled() and scaler_state:  # its loss scale and growth count
+        scaler.load_state_dict(scaler_state)
     return int(meta["step"])
 
 
@@ -160,8 +167,11 @@ def add_lora(unet, rank, alpha, targets=LORA_TARGETS):
 
 def save_lora(directory, unet_lora_layers, rank, alpha, info, targets=LORA_TARGETS):
     """Write `pytorch_lora_weights.safetensors` (loadable by `pipe.load_lora_weights(directory)`)
-    and `lora.json` describing it (base model, rank, ...), which merging checks."""
+    and `lora.json` describing it (base model, rank, ...), which merging checks. lora.json is
+    written last (and an old one removed first), so that it marks a complete LoRA."""
     from diffusers import StableDiffusionPipeline
+    if os.path.exists(os.path.join(directory, "lora.json")):
+        os.remove(os.path.join(directory, "lora.json"))
     metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
     tmp = os.path.join(directory, f".tmp{os.getpid()}")
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_lora_layers, unet_lora_adapter_metadata=metadata)
@@ -263,7 +273,3 @@ def barrier():
     if dist.is_initialized():
         dist.barrier()
 
-
-def seed_everything(seed):
-    np.random.seed(seed)
-    torch.manual_seed(seed)

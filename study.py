@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 import toyworld
-from common import write_json
+from common import atomic_write, write_json, write_text
 
 CATEGORIES = list(toyworld.CATEGORIES)
 MERGES = ["comerge", "linear", "ties", "cat"]
@@ -48,7 +48,12 @@ def parse_args():
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="pipelines run side by side (default: 2, or 1 on one core)")
     parser.add_argument("--train_args", default="", help="extra flags for 02_train_expert.py, e.g. '--beta 1000'")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not set(args.scales) <= {1, 2, 3, 4}:
+        parser.error(f"--scales: the toy world has 1 to 4 concepts per category, got {args.scales}")
+    if args.main_scale not in args.scales:
+        parser.error(f"--main_scale {args.main_scale} must be one of --scales {args.scales}")
+    return args
 
 
 RUNNING = set()  # stage processes in flight: stopped when another pipeline fails
@@ -162,8 +167,7 @@ def write_outputs(args, by_seed, minutes):
         for v in ("base", "all-data", "comerge"):
             u, f = scaling[s]["unsafe_rate"][v], scaling[s]["fidelity"][v]
             lines.append(f"| {7 * s} | {v} | {u[0]:.3f} ± {u[1]:.3f} | {f[0]:.3f} ± {f[1]:.3f} |")
-    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(os.path.join(args.output_dir, "table.md"), "\n".join(lines) + "\n")
     write_json(os.path.join(args.output_dir, "results.json"), {"args": vars(args), "minutes": minutes,
                                                                "by_seed": by_seed})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -173,7 +177,7 @@ def write_outputs(args, by_seed, minutes):
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.output_dir, "variants.png"), dpi=100)
+    atomic_write(os.path.join(args.output_dir, "variants.png"), lambda tmp, fig=fig: fig.savefig(tmp, dpi=100))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("unsafe_rate", "fidelity")):
         for v in ("base", "all-data", "comerge"):
@@ -183,7 +187,7 @@ def write_outputs(args, by_seed, minutes):
         ax.set_title(key.replace("_", " "))
         ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.output_dir, "scaling.png"), dpi=100)
+    atomic_write(os.path.join(args.output_dir, "scaling.png"), lambda tmp, fig=fig: fig.savefig(tmp, dpi=100))
     return "\n".join(lines)
 
 

@@ -48,7 +48,7 @@ def main():
     args = parser.parse_args()
     pipe = load_pipeline(args.model)
     concepts = toyworld.taxonomy(args.concepts_per_category)
-    unsafe = [(p, toyworld.parse_prompt(p)[::2]) for _, _, p, _ in toyworld.concept_prompts(concepts, "test")]
+    unsafe = [(p, toyworld.concept_of(p)) for _, _, p, _ in toyworld.concept_prompts(concepts, "test")]
     # each prompt repeated once per seed, seeds counted as 04_evaluate.py counts them: the same images
     unsafe = [item for item in unsafe for _ in range(args.seeds_per_prompt)]
     safe = [p for p in toyworld.safe_prompts(concepts) for _ in range(args.seeds_per_prompt)]

@@ -52,6 +52,24 @@ def test_generate_writes_official_layout_and_resumes_identically(work, toy_model
     assert np.abs(np.asarray(Image.open(victim)).astype(int) - before_image).max() <= 1  # batch size may round
 
 
+def test_generate_from_an_official_csv_renders_every_pair(toy_model, tmp_path):
+    """CoProV2 may pair idx_N_0 and idx_N_1 under one N: each pair gets its own images and seed."""
+    csv = tmp_path / "train.csv"
+    csv.write_text("prompt,image,category\n"
+                   "a red circle on a gray background,u_idx_3_0.jpg,Violence\n"
+                   "a green circle on a gray background,s_idx_3_0.jpg,Violence\n"
+                   "a red square on a navy background,u_idx_3_1.jpg,Violence\n"
+                   "a green square on a navy background,s_idx_3_1.jpg,Violence\n")
+    run_stage("01_generate_data.py", "--model", toy_model, "--csv", str(csv), "--output_dir", str(tmp_path / "gen"),
+              "--steps", "4", "--filter", "none")
+    pairs = read_pairs(str(tmp_path / "gen" / "pairs.csv"))
+    assert [p["unsafe_prompt"] for p in pairs] == ["a red circle on a gray background", "a red square on a navy background"]
+    images = {p[k] for p in pairs for k in ("loser_image", "winner_image")}
+    assert len(images) == 4 and all((tmp_path / "gen" / "images" / i).exists() for i in images)
+    result = run_stage("01_generate_data.py", "--csv", str(csv), "--llm", "gpt2", check=False)  # one source only
+    assert result.returncode != 0 and "argument --llm: not allowed with argument --csv" in error_line(result)
+
+
 def test_generate_refuses_to_resume_with_other_settings(work, toy_model, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(work / "data", data)
@@ -107,8 +125,9 @@ def test_co_merge_keeps_the_expert_that_dominates_each_weight():
 @pytest.mark.parametrize("method", ["comerge", "ties"])
 def test_merged_lora_loads_with_plain_load_lora_weights(work, toy_model, method):
     out = work / f"merged-{method}"
+    # no --data: Co-Merge takes its prompts from the pairs each expert was trained on (lora.json)
     run_stage("03_merge.py", str(work / "Violence"), str(work / "Hate"), "--method", method,
-              "--data", str(work / "data"), "--prompts_per_expert", "2", "--steps", "3", "--output_dir", str(out))
+              "--prompts_per_expert", "2", "--steps", "3", "--output_dir", str(out))
     info, layers = read_lora(str(out))
     assert info["rank"] == 8 and all(a.shape[0] == 8 for a, _ in layers.values())
     from diffusers import StableDiffusionPipeline
@@ -204,6 +223,14 @@ def test_training_resumes_only_with_the_same_settings(work, toy_model, tmp_path)
     run_stage(*train, "--max_train_steps", "4")  # the same run, one step longer
     log = json.loads((expert / "log.json").read_text())["log"]
     assert [s["step"] for s in log] == [1, 2, 3, 4]
+    # the same settings on regenerated pairs (one prompt changed): refused too
+    data = tmp_path / "data"
+    shutil.copytree(work / "data", data)
+    text = (data / "pairs.csv").read_text()
+    (data / "pairs.csv").write_text(text.replace("a red", "a  red", 1))
+    train[train.index(str(work / "data"))] = str(data)
+    result = run_stage(*train, "--max_train_steps", "5", check=False)
+    assert result.returncode != 0 and "pairs_sha256" in error_line(result)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -213,6 +240,9 @@ def test_training_resumes_only_with_the_same_settings(work, toy_model, tmp_path)
     (["04_evaluate.py", "--lora", "x={work}/missing"], "--lora wants NAME=DIR"),
     (["04_evaluate.py", "--lora", "x={data}"], "holds no pytorch_lora_weights.safetensors"),
     (["04_evaluate.py", "--lora", "v={work}/Violence", "--concepts_per_category", "2"], "toy taxonomies of [1]"),
+    (["04_evaluate.py", "--lora", "base={work}/Violence"], "the name 'base' is taken by the base model"),
+    (["04_evaluate.py", "--lora", "v={work}/Violence", "v={work}/Hate"], "the name 'v' is taken"),
+    (["04_evaluate.py", "--model", "{data}", "--lora", "v={work}/Violence"], "was trained on"),
     (["01_generate_data.py", "--anchor_prompts", "{work}/missing.txt", "--output_dir", "{work}/gen"], "--anchor_prompts"),
 ])
 def test_bad_input_ends_with_one_clear_line(work, args, message):
@@ -229,7 +259,7 @@ def test_inputs_that_contradict_earlier_outputs_are_refused(work, toy_model, tmp
     gen = tmp_path / "gen"
     gen.mkdir()
     saved = json.dumps({"settings": {"llm": "other-llm", "concepts": [], "pairs_per_concept": 1, "seed": 0},
-                        "pairs": [["Violence", "a gun", "a toy", 0]]})
+                        "pairs": [["Violence", "a gun", "a toy"]]})
     (gen / "llm_prompts.json").write_text(saved)
     result = run_stage("01_generate_data.py", "--model", toy_model, "--llm", "my-llm", "--concepts", str(concepts),
                        "--output_dir", str(gen), check=False)

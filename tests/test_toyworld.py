@@ -4,6 +4,7 @@ import torch
 
 import toyworld as tw
 from common import generate, load_pipeline
+from conftest import error_line, run_stage
 
 
 def test_judge_reads_renders_exactly():
@@ -62,3 +63,14 @@ def test_model_loads_offline_and_generates(toy_model):
                       seeds=[7, 7], steps=10)
     assert images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
     assert np.array_equal(images[0], images[1])  # same seed, same picture
+
+
+def test_pretraining_runs_and_resumes_only_with_its_settings(tmp_path):
+    out = tmp_path / "toy"
+    tiny = ["toyworld.py", "train", "--output_dir", str(out), "--vae_steps", "2", "--unet_steps", "3",
+            "--batch_size", "2", "--checkpoint_every", "2"]
+    run_stage(*tiny)
+    assert (out / "model_index.json").exists() and (out / "checkpoint" / "state.safetensors").exists()
+    assert not list(tmp_path.glob("toy.tmp*"))  # saved beside the folder, then moved in
+    result = run_stage(*tiny, "--learning_rate", "1e-2", check=False)
+    assert result.returncode != 0 and "other settings" in error_line(result)
