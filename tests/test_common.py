@@ -79,3 +79,13 @@ def test_checkpoint_round_trip(tmp_path):
     assert load_checkpoint(os.path.join(tmp_path, "state.safetensors"), {"lora": fresh}, fresh_optimizer) == 17
     assert all(torch.equal(a, b) for a, b in zip(weights, fresh))
     assert torch.equal(fresh_optimizer.state[fresh[0]]["exp_avg"], optimizer.state[weights[0]]["exp_avg"])
+
+
+def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
+    weight = torch.nn.Parameter(torch.randn(2))
+    optimizer = torch.optim.AdamW([weight])
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    save_checkpoint(str(tmp_path), {"lora": [weight]}, optimizer, step=3, scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu")  # 65536, the default
+    load_checkpoint(os.path.join(tmp_path, "state.safetensors"), {"lora": [weight]}, optimizer, fresh)
+    assert fresh.get_scale() == 1024.0 and fresh.get_growth_interval() == 7
