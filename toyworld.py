@@ -193,10 +193,15 @@ def read_image(image):
     return found
 
 
+def concept_shown(image):
+    """The (colour, background) combination an image shows, read from its pixels."""
+    found = read_image(image)
+    return found["colour"], found["background"]
+
+
 def shows_concept(image, unsafe):
     """The toy IP judge: does the image show the unsafe (colour, background) combination?"""
-    found = read_image(image)
-    return (found["colour"], found["background"]) == tuple(unsafe)
+    return concept_shown(image) == tuple(unsafe)
 
 
 def follows_prompt(image, text):
