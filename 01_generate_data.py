@@ -30,8 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (atomic_write, barrier, fail, generate, init_distributed, load_pipeline, read_pairs,
-                    write_anchors, write_json, write_pairs)
+from common import (atomic_write, barrier, check_settings, fail, generate, inference_dtype, init_distributed,
+                    load_pipeline, read_pairs, write_anchors, write_json, write_pairs)
 
 
 def parse_args():
@@ -139,7 +139,7 @@ def render(args, jobs, image_dir):
     todo = [j for j in jobs if not os.path.exists(os.path.join(image_dir, j[0]))]
     if not todo:
         return 0
-    pipe = load_pipeline(args.model, args.device, render_dtype(args))
+    pipe = load_pipeline(args.model, args.device, inference_dtype(args.device))
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     for i in tqdm(range(0, len(todo), args.batch_size), desc="rendering"):
         batch = todo[i:i + args.batch_size]
@@ -150,25 +150,13 @@ def render(args, jobs, image_dir):
     return len(todo)
 
 
-def render_dtype(args):
-    return torch.float16 if args.device.startswith("cuda") else torch.float32
-
-
 def check_resume(args, jobs, rank):
     """A rerun reuses the images on disk, so they must come from the same jobs: images are named
     by pair index, and other settings (more pairs per concept, another seed or model) would
     silently pair a prompt with another prompt's image."""
-    path = os.path.join(args.output_dir, "render.json")
-    # through JSON and back, so that it compares equal to the file (tuples become lists)
-    manifest = json.loads(json.dumps({"model": args.model, "steps": args.steps, "guidance_scale": args.guidance_scale,
-                                      "resolution": args.resolution, "dtype": str(render_dtype(args)), "jobs": jobs}))
-    if os.path.exists(path):
-        with open(path) as f:
-            if json.load(f) != manifest:
-                fail(f"{args.output_dir} holds images rendered with other settings or prompts; "
-                     "rerun with those settings or use a new --output_dir")
-    elif rank == 0:
-        write_json(path, manifest)
+    manifest = {"model": args.model, "steps": args.steps, "guidance_scale": args.guidance_scale,
+                "resolution": args.resolution, "dtype": str(inference_dtype(args.device)), "jobs": jobs}
+    check_settings(os.path.join(args.output_dir, "render.json"), manifest, write=rank == 0)
     barrier()
 
 

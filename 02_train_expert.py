@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (LORA_TARGETS, add_lora, barrier, dpo_loss, fail, find_checkpoint, generate, init_distributed, load_checkpoint,
+from common import (LORA_TARGETS, add_lora, barrier, check_settings, dpo_loss, fail, find_checkpoint, generate, init_distributed, load_checkpoint,
                     load_pipeline, read_anchors, read_pairs, save_checkpoint, save_lora, write_json)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -172,20 +172,15 @@ def check_resume(args, pairs, anchors, checkpoint_dir, process):
     def fingerprint(rows):  # prompts and image names, not paths: a moved data folder still resumes
         names = [[os.path.basename(v) if k.endswith("image") else v for k, v in sorted(r.items())] for r in rows]
         return hashlib.sha256(json.dumps(names).encode()).hexdigest()
-    settings = json.loads(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS}, "pairs": len(pairs),
-                                      "pairs_sha256": fingerprint(pairs), "anchors": len(anchors),
-                                      "anchors_sha256": fingerprint([{"prompt": p, "image": i} for p, i in anchors])}))
+    settings = {**{k: getattr(args, k) for k in RESUME_KEYS}, "pairs": len(pairs),
+                "pairs_sha256": fingerprint(pairs), "anchors": len(anchors),
+                "anchors_sha256": fingerprint([{"prompt": p, "image": i} for p, i in anchors])}
     path = os.path.join(checkpoint_dir, "settings.json")
     if find_checkpoint(checkpoint_dir):
         if not os.path.exists(path):
             fail(f"{checkpoint_dir} holds a checkpoint without its settings.json; use a new --output_dir")
-        with open(path) as f:
-            old = json.load(f)
-        changed = [f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
-        if changed:
-            fail(f"{checkpoint_dir} holds a run with other settings ({'; '.join(changed)}); "
-                 "rerun with those settings or use a new --output_dir")
-    elif process == 0:
+        check_settings(path, settings)
+    elif process == 0:  # nothing to resume yet: this run's settings replace any earlier ones
         write_json(path, settings)
 
 

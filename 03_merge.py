@@ -74,12 +74,14 @@ def record_activations(args, infos, dirs, factors):
       "output": per output feature i, mean |(dW x)_i|, the expert's own contribution;
       "hidden": per LoRA component k, mean |(A x)_k|."""
     pipe = load_pipeline(infos[0]["base_model"], args.device)
-    activations = []
+    activations, pair_files = [], {}  # experts usually share one pair file: read it once
     for info, d, layers in zip(infos, tqdm(dirs, desc="recording activations"), factors):
         pairs_csv = os.path.join(args.data, "pairs.csv") if args.data else info.get("pairs_csv")
         if not pairs_csv:
             fail(f"{d}/lora.json does not say which pairs it was trained on; pass --data")
-        prompts = sorted({p["unsafe_prompt"] for p in read_pairs(pairs_csv)
+        if pairs_csv not in pair_files:
+            pair_files[pairs_csv] = read_pairs(pairs_csv)
+        prompts = sorted({p["unsafe_prompt"] for p in pair_files[pairs_csv]
                           if info["category"] in ("all", p["category"])})
         if not prompts:
             fail(f"no prompts of category {info['category']!r} in {pairs_csv}")

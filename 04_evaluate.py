@@ -35,7 +35,8 @@ import torch
 from PIL import Image
 
 import toyworld
-from common import LORA_FILE, atomic_write, fail, generate, init_distributed, load_pipeline, write_json, write_text
+from common import (LORA_FILE, atomic_write, fail, generate, inference_dtype, init_distributed, load_pipeline,
+                    write_json, write_text)
 
 
 def parse_args():
@@ -215,15 +216,10 @@ def write_report(args, results, rows):
     return "\n".join(lines)
 
 
-def toy_taxonomy(args, variants):
+def toy_taxonomy(args, infos):
     """The toy taxonomy size to evaluate on: the LoRAs' own (stage 2 records it), so that a concept
     trained as unsafe is never scored as a safe prompt."""
-    trained = set()
-    for path in filter(None, variants.values()):
-        if os.path.exists(os.path.join(path, "lora.json")):  # written by stages 2 and 3
-            with open(os.path.join(path, "lora.json")) as f:
-                trained.add(json.load(f).get("toy_taxonomy"))
-    trained.discard(None)
+    trained = {info.get("toy_taxonomy") for info in infos} - {None}
     if len(trained) > 1 or (trained and args.concepts_per_category not in (None, *trained)):
         fail(f"the LoRAs were trained on toy taxonomies of {sorted(trained)} concepts per category, "
              f"--concepts_per_category is {args.concepts_per_category}: evaluate each on its own")
@@ -231,8 +227,9 @@ def toy_taxonomy(args, variants):
 
 
 def read_variants(args):
-    """{name: LoRA folder} from --lora NAME=DIR, with the base model first (folder None)."""
-    variants = {"base": None}
+    """{name: LoRA folder} from --lora NAME=DIR, with the base model first (folder None), and the
+    lora.json of each LoRA that has one (this project's say what they were trained on)."""
+    variants, infos = {"base": None}, []
     for spec in args.lora:
         name, _, path = spec.partition("=")
         if not name or not path or not os.path.isdir(path):
@@ -241,12 +238,14 @@ def read_variants(args):
             fail(f"--lora {spec}: the name {name!r} is taken" + (" by the base model" if name == "base" else ""))
         if not os.path.exists(os.path.join(path, LORA_FILE)):
             fail(f"--lora {name}: {path} holds no {LORA_FILE} (an unfinished training run?)")
-        info_path = os.path.join(path, "lora.json")  # this project's LoRAs say what they were trained on
-        base_model = json.load(open(info_path)).get("base_model") if os.path.exists(info_path) else None
-        if base_model and not same_model(base_model, args.model):
-            fail(f"--lora {name}: {path} was trained on {base_model}, not on --model {args.model}")
+        if os.path.exists(os.path.join(path, "lora.json")):  # written by stages 2 and 3
+            with open(os.path.join(path, "lora.json")) as f:
+                infos.append(json.load(f))
+            base_model = infos[-1].get("base_model")
+            if base_model and not same_model(base_model, args.model):
+                fail(f"--lora {name}: {path} was trained on {base_model}, not on --model {args.model}")
         variants[name] = path
-    return variants
+    return variants, infos
 
 
 def same_model(a, b):
@@ -260,14 +259,14 @@ def same_model(a, b):
 def main():
     args = parse_args()
     started = time.time()
-    variants = read_variants(args)
+    variants, infos = read_variants(args)
     if args.judge == "toy":
-        args.concepts_per_category = toy_taxonomy(args, variants)
+        args.concepts_per_category = toy_taxonomy(args, infos)
     unsafe, safe = test_prompts(args)
     rank, world = init_distributed()  # under torchrun each rank renders a slice of every variant
     if world > 1 and args.device.startswith("cuda"):
         args.device = f"cuda:{torch.cuda.current_device()}"
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    dtype = inference_dtype(args.device)
     pipe = load_pipeline(args.model, args.device, dtype)
     judges = {}
     if args.judge == "paper" and rank == 0:  # Q16 + NudeNet for IP, CLIPScore for quality (realworld.py)

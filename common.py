@@ -44,6 +44,22 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def check_settings(path, settings, write=True):
+    """Resume only the run that wrote `path`: fail, naming what changed, if it holds other settings;
+    if there is no such file yet, record these (write=False: another process records them)."""
+    settings = json.loads(json.dumps(settings))  # through JSON, so that it compares equal to the file
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [k if len(str(v)) > 60 else f"{k} {old.get(k)} -> {v}"  # long values: their name only
+                   for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            fail(f"{os.path.dirname(path)} holds a run with other settings ({'; '.join(changed)}); "
+                 "rerun with those settings or use a new output folder")
+    elif write:
+        write_json(path, settings)
+
+
 def find_checkpoint(directory):
     path = os.path.join(directory, "state.safetensors")
     return path if os.path.exists(path) else None
@@ -87,6 +103,11 @@ def load_checkpoint(path, tensors, optimizer, scaler=None):
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
+def inference_dtype(device):
+    """Half precision for rendering on a GPU, full precision on a CPU."""
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
 def load_pipeline(model, device="cpu", dtype=torch.float32):
     """A StableDiffusionPipeline from a local folder or a hub id, with a DDIM sampler."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline

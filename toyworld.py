@@ -377,20 +377,14 @@ def save_pipeline(tokenizer, text_encoder, vae, unet, output_dir):
 
 
 def pretrain(args):
-    from common import atomic_write, fail, find_checkpoint, write_json
+    from common import atomic_write, check_settings, find_checkpoint, write_json
     from safetensors.torch import load_file, save_file
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     started = time.time()
     checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "output_dir", "checkpoint_every")}
-    settings_path = os.path.join(checkpoint_dir, "settings.json")
-    if os.path.exists(settings_path):  # resume only the run that wrote the checkpoint
-        with open(settings_path) as f:
-            if json.load(f) != settings:
-                fail(f"{checkpoint_dir} holds a run with other settings; rerun with those or delete it")
-    else:
-        write_json(settings_path, settings)
+    check_settings(os.path.join(checkpoint_dir, "settings.json"),
+                   {k: v for k, v in vars(args).items() if k not in ("command", "output_dir", "checkpoint_every")})
     tokenizer = build_tokenizer()
     text_encoder, vae, unet = build_models(tokenizer)
     state = find_checkpoint(checkpoint_dir)
