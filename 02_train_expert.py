@@ -40,12 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
-from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (LORA_TARGETS, add_lora, barrier, check_settings, dpo_loss, fail, find_checkpoint, generate, init_distributed, load_checkpoint,
-                    load_pipeline, read_anchors, read_pairs, save_checkpoint, save_lora, write_json)
+from common import (LORA_TARGETS, add_lora, anchor_images, barrier, check_settings, dpo_loss, encode_training_data, fail,
+                    find_checkpoint, generate, init_distributed, load_checkpoint, load_pipeline, pair_images,
+                    read_pairs, save_checkpoint, save_lora, write_json)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -95,13 +95,7 @@ def load_training_pairs(args):
         pairs = [p for p in pairs if p["category"] == args.category]
     if not pairs:
         fail(f"category {args.category!r} has no pairs in {pairs_csv}")
-    image_dir = os.path.join(os.path.dirname(pairs_csv), "images")
-    for p in pairs:
-        for key in ("loser_image", "winner_image"):
-            p[key] = os.path.join(image_dir, os.path.basename(p[key]))
-            if not os.path.exists(p[key]):
-                fail(f"missing image {p[key]}")
-    return pairs
+    return pair_images(pairs, pairs_csv)
 
 
 def load_anchors(args, pairs_csv):
@@ -111,36 +105,10 @@ def load_anchors(args, pairs_csv):
         if args.anchor_weight:
             fail(f"--anchor_weight needs anchors: no {path} (stage 1 writes it; or pass --anchors CSV)")
         return []
-    image_dir = os.path.join(os.path.dirname(path), "images")
-    anchors = [(prompt, os.path.join(image_dir, image)) for prompt, image in read_anchors(path)]
+    anchors = anchor_images(path)
     if args.anchor_weight and not anchors:
         fail(f"--anchor_weight needs anchors: {path} lists none")
-    for _, image in anchors:
-        if not os.path.exists(image):
-            fail(f"missing anchor image {image}")
     return anchors
-
-
-@torch.no_grad()
-def encode(pipe, pairs, anchors, dtype):
-    """Latents of winners, losers and anchors, text embeddings of the unsafe and the anchor
-    prompts, computed once: the VAE and the text encoder are frozen."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-    def latents(paths):
-        out = []
-        for i in tqdm(range(0, len(paths), 32), desc="encoding images", leave=False):
-            pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths[i:i + 32]])
-            pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(pipe.device, dtype) / 127.5 - 1
-            out.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
-        return torch.cat(out).float()
-    winners = latents([p["winner_image"] for p in pairs])
-    losers = latents([p["loser_image"] for p in pairs])
-    anchor_latents = latents([image for _, image in anchors]) if anchors else None
-    prompts = [p["unsafe_prompt"] for p in pairs] + [prompt for prompt, _ in anchors] + [""]
-    embeds = torch.cat([pipe.encode_prompt(prompts[i:i + 64], pipe.device, 1, False)[0]
-                        for i in range(0, len(prompts), 64)]).float()
-    return winners, losers, anchor_latents, embeds[:len(pairs)], embeds[len(pairs):-1], embeds[-1]
 
 
 def quick_eval(pipe, pairs, seed):
@@ -240,7 +208,7 @@ def train(args, pipe, pairs, anchors, process=0, world=1):
     unet = pipe.unet
     checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
     check_resume(args, pairs, anchors, checkpoint_dir, process)
-    encoded = encode(pipe, pairs, anchors, DTYPES[args.mixed_precision])
+    encoded = encode_training_data(pipe, pairs, anchors, DTYPES[args.mixed_precision])
     lora_params = add_lora(unet, args.rank, args.alpha, args.lora_targets)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -11,18 +11,29 @@ inputs" and merge "only the most active weights per expert". Concretely, for eve
 Baselines (peft's merge utilities on the same deltas): linear (the average), ties (TIES-merging),
 and cat (the sum, i.e. all experts stacked: exact at rank = the sum of their ranks).
 
+Co-Merge keeps ~0.6 of each expert (README, "Merging"), too little to remove its concept, and a
+merge scaled up to make up for it (--scale) drifts on safe prompts, because the experts' small side
+effects add up. --repair_steps (this repository's addition, not the paper's) then trains the
+merged LoRA briefly with prior preservation alone, no preference pairs: on the anchor prompts it
+must predict what the reference predicts, on the unsafe prompts what the merge predicted.
+
     python 03_merge.py experts/hate experts/violence ... --method comerge --output_dir merged/comerge
+    python 03_merge.py experts/hate experts/violence ... --method comerge --scale 1.75 --repair_steps 400 \
+        --output_dir merged/comerge-repaired
 
 The output loads with plain `pipe.load_lora_weights(output_dir)`.
 """
 import argparse
+import math
 import os
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import LORA_TARGETS, fail, generate, load_pipeline, read_lora, read_pairs, save_lora
+from common import (LORA_TARGETS, add_lora, anchor_images, encode_training_data, fail, generate, load_pipeline,
+                    pair_images, read_lora, read_pairs, save_lora)
 
 
 def parse_args():
@@ -37,10 +48,19 @@ def parse_args():
                              "whole layer, or each weight of A and of B separately")
     parser.add_argument("--statistic", choices=["mean", "rms"], default="mean",
                         help="co-merge, select weight/factors: the input activation, mean |x| or root mean square")
-    parser.add_argument("--data", help="co-merge: stage 1 folder whose pairs.csv prompts drive the activations "
+    parser.add_argument("--data", help="co-merge, repair: stage 1 folder whose pairs.csv prompts drive the activations "
                         "(default: the pair CSV each expert was trained on)")
     parser.add_argument("--prompts_per_expert", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="co-merge: sampling steps while recording")
+    parser.add_argument("--repair_steps", type=int, default=0,
+                        help="after merging: steps of prior preservation on the merged LoRA (default 0: none)")
+    parser.add_argument("--repair_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--repair_batch_size", type=int, default=16)
+    parser.add_argument("--anchor_weight", type=float, default=100.0,
+                        help="repair: weight of staying the reference on anchor prompts (as in stage 2)")
+    parser.add_argument("--keep_weight", type=float, default=100.0,
+                        help="repair: weight of keeping the merge's prediction on the unsafe prompts")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", help="default: merged/<method>")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args()
@@ -67,24 +87,31 @@ def load_experts(dirs):
     return infos, factors
 
 
-def record_activations(args, infos, dirs, factors):
+def expert_pairs(args, infos, dirs):
+    """Per expert, (pair CSV, its own pairs): its category's rows of the CSV it was trained on (or --data's)."""
+    per_expert, files = [], {}  # experts usually share one pair file: read it once
+    for info, d in zip(infos, dirs):
+        pairs_csv = os.path.join(args.data, "pairs.csv") if args.data else info.get("pairs_csv")
+        if not pairs_csv:
+            fail(f"{d}/lora.json does not say which pairs it was trained on; pass --data")
+        if pairs_csv not in files:
+            files[pairs_csv] = read_pairs(pairs_csv)
+        pairs = [dict(p) for p in files[pairs_csv] if info["category"] in ("all", p["category"])]
+        if not pairs:
+            fail(f"no pairs of category {info['category']!r} in {pairs_csv}")
+        per_expert.append((pairs_csv, pairs))
+    return per_expert
+
+
+def record_activations(args, pipe, dirs, factors, per_expert):
     """Per expert and layer, how active it is while generating from its own category's unsafe
     prompts (both guidance branches), for inputs x of the layer:
       "input":  per input feature j, mean |x_j| (or, --statistic rms, the root mean square);
       "output": per output feature i, mean |(dW x)_i|, the expert's own contribution;
       "hidden": per LoRA component k, mean |(A x)_k|."""
-    pipe = load_pipeline(infos[0]["base_model"], args.device)
-    activations, pair_files = [], {}  # experts usually share one pair file: read it once
-    for info, d, layers in zip(infos, tqdm(dirs, desc="recording activations"), factors):
-        pairs_csv = os.path.join(args.data, "pairs.csv") if args.data else info.get("pairs_csv")
-        if not pairs_csv:
-            fail(f"{d}/lora.json does not say which pairs it was trained on; pass --data")
-        if pairs_csv not in pair_files:
-            pair_files[pairs_csv] = read_pairs(pairs_csv)
-        prompts = sorted({p["unsafe_prompt"] for p in pair_files[pairs_csv]
-                          if info["category"] in ("all", p["category"])})
-        if not prompts:
-            fail(f"no prompts of category {info['category']!r} in {pairs_csv}")
+    activations = []
+    for d, layers, (_, pairs) in zip(tqdm(dirs, desc="recording activations"), factors, per_expert):
+        prompts = sorted({p["unsafe_prompt"] for p in pairs})
         prompts = (prompts * args.prompts_per_expert)[:args.prompts_per_expert]
         pipe.load_lora_weights(d)
         sums, hooks = {}, []
@@ -174,23 +201,99 @@ def factorize(merged, rank):
     return layers, (err_num / max(err_den, 1e-30)) ** 0.5
 
 
+def repair(args, pipe, layers, rank, targets, per_expert):
+    """Prior preservation after the merge (this repository's addition; the paper stops at the merge).
+
+    The merged LoRA trains on two terms, with the same noise and timestep for both: on the anchor
+    prompts (stage 1's images of every safe prompt) it must predict what the reference (no LoRA)
+    predicts, which undoes the experts' summed drift on safe prompts; on the experts' unsafe prompts
+    (noised winners and losers alike) it must predict what the merge itself predicted, which keeps
+    what the experts removed. No preference pairs and no DPO: the experts' work is not redone."""
+    from torch.func import functional_call
+    from peft.utils import get_peft_model_state_dict
+    pairs = [p for pairs_csv, rows in per_expert for p in pair_images(rows, pairs_csv)]
+    anchor_files = sorted({os.path.join(os.path.dirname(pairs_csv), "anchors.csv") for pairs_csv, _ in per_expert})
+    for path in anchor_files:
+        if not os.path.exists(path):
+            fail(f"--repair_steps needs anchors: no {path} (stage 1 writes it)")
+    anchors = sorted({a for path in anchor_files for a in anchor_images(path)})
+    if not anchors:
+        fail(f"--repair_steps needs anchors: {', '.join(anchor_files)} list none")
+    winners, losers, anchor_latents, unsafe_embeds, anchor_embeds, empty = encode_training_data(pipe, pairs, anchors)
+    unet, scheduler = pipe.unet, pipe.scheduler
+    params = add_lora(unet, rank, rank, targets)  # alpha = rank: the factors carry the scale
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for key, value in layers.items():  # "<layer>.lora_A.weight" -> the adapter's weight
+            layer, part = key.rsplit(".", 2)[0], key.split(".")[-2]
+            getattr(modules[layer], part)["default"].weight.copy_(value)
+    merge = {name: p.detach().clone() for name, p in unet.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params, lr=args.repair_learning_rate)
+
+    def draw(step):  # a per-step generator, like stage 2: the run is reproducible
+        g, n = torch.Generator().manual_seed(args.seed * 100003 + step), args.repair_batch_size
+        i, a = torch.randint(len(pairs), (n,), generator=g), torch.randint(len(anchors), (n,), generator=g)
+        noise = torch.randn((n, *winners.shape[1:]), generator=g).to(args.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g).to(args.device)
+        winner = (torch.rand(n, generator=g) < 0.5).to(args.device)[:, None, None, None]
+        unsafe = scheduler.add_noise(torch.where(winner, winners[i], losers[i]), noise, t)
+        anchor = scheduler.add_noise(anchor_latents[a], noise, t)
+        anchor_cond = anchor_embeds[a].clone()  # half of them empty: guidance's unconditional branch
+        anchor_cond[torch.rand(n, generator=g) < 0.5] = empty
+        return unsafe, unsafe_embeds[i], anchor, anchor_cond, t
+
+    def errors(batch):
+        """(keep, drift): the LoRA's squared distance to the merge on unsafe prompts, to the
+        reference on anchor prompts."""
+        unsafe, unsafe_cond, anchor, anchor_cond, t = batch
+        with torch.no_grad():
+            unet.disable_adapters()
+            reference = unet(anchor, t, anchor_cond).sample
+            unet.enable_adapters()
+            merged = functional_call(unet, merge, (unsafe, t, unsafe_cond)).sample
+        out_unsafe, out_anchor = unet(torch.cat([unsafe, anchor]), t.repeat(2), torch.cat([unsafe_cond, anchor_cond])).sample.chunk(2)
+        return F.mse_loss(out_unsafe, merged), F.mse_loss(out_anchor, reference)
+
+    held_out = draw(-1)  # one fixed batch, to report the drift before and after
+    drift_before = errors(held_out)[1].item()
+    for step in tqdm(range(args.repair_steps), desc="repairing the merge"):
+        keep, drift = errors(draw(step))
+        loss = args.keep_weight * keep + args.anchor_weight * drift
+        if not math.isfinite(loss.item()):
+            fail(f"repair loss is {loss.item()} at step {step}; nothing was written")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    keep, drift = (e.item() for e in errors(held_out))
+    return get_peft_model_state_dict(unet), {"steps": args.repair_steps, "learning_rate": args.repair_learning_rate,
+                                             "anchor_weight": args.anchor_weight, "keep_weight": args.keep_weight,
+                                             "anchor_drift_before": drift_before, "anchor_drift_after": drift,
+                                             "keep_error_after": keep}
+
+
 def main():
     args = parse_args()
     args.output_dir = args.output_dir or os.path.join("merged", args.method)
     started = time.time()
     infos, factors = load_experts(args.experts)
     rank = args.rank or sum(i["rank"] for i in infos)
+    targets = infos[0].get("targets", LORA_TARGETS)
+    if args.method == "comerge" or args.repair_steps:
+        pipe = load_pipeline(infos[0]["base_model"], args.device)
+        per_expert = expert_pairs(args, infos, args.experts)
     if args.method == "comerge":
-        merged = co_merge(factors, record_activations(args, infos, args.experts, factors), args.select)
+        merged = co_merge(factors, record_activations(args, pipe, args.experts, factors, per_expert), args.select)
     else:
         merged = peft_merge(args.method, factors, args.density)
     merged = {name: delta * args.scale for name, delta in merged.items()}
     layers, error = factorize(merged, rank)
-    save_lora(args.output_dir, layers, rank, rank,  # alpha = rank: the factors carry the scale
-              {"base_model": infos[0]["base_model"], "category": "merged", "method": args.method,
-               "experts": args.experts, "relative_error": error,
-               "toy_taxonomy": infos[0].get("toy_taxonomy")},
-              infos[0].get("targets", LORA_TARGETS))
+    info = {"base_model": infos[0]["base_model"], "category": "merged", "method": args.method, "scale": args.scale,
+            "experts": args.experts, "relative_error": error, "toy_taxonomy": infos[0].get("toy_taxonomy")}
+    if args.repair_steps:
+        layers, info["repair"] = repair(args, pipe, layers, rank, targets, per_expert)
+        print(f"03 repair: anchor drift {info['repair']['anchor_drift_before']:.2e} -> "
+              f"{info['repair']['anchor_drift_after']:.2e} in {args.repair_steps} steps")
+    save_lora(args.output_dir, layers, rank, rank, info, targets)  # alpha = rank: the factors carry the scale
     print(f"03 merge ({args.method}): {len(infos)} experts -> rank {rank}, relative reconstruction error "
           f"{error:.4f}, {time.time() - started:.0f}s -> {args.output_dir}")
 

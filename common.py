@@ -12,6 +12,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -247,6 +248,17 @@ def read_pairs(path):
             for (i, _), h in sorted(halves.items())]
 
 
+def pair_images(pairs, pairs_csv):
+    """The pairs with full paths of their images (in images/ beside the CSV), all of which must exist."""
+    image_dir = os.path.join(os.path.dirname(pairs_csv), "images")
+    for p in pairs:
+        for key in ("loser_image", "winner_image"):
+            p[key] = os.path.join(image_dir, os.path.basename(p[key]))
+            if not os.path.exists(p[key]):
+                fail(f"missing image {p[key]}")
+    return pairs
+
+
 def write_pairs(path, pairs):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -272,6 +284,39 @@ def read_anchors(path):
     if rows and not {"prompt", "image"} <= set(rows[0]):
         fail(f"{path}: expected columns prompt,image")
     return [(r["prompt"], r["image"]) for r in rows]
+
+
+def anchor_images(path):
+    """(prompt, full image path) of an anchor CSV, the images in images/ beside it."""
+    image_dir = os.path.join(os.path.dirname(path), "images")
+    anchors = [(prompt, os.path.join(image_dir, image)) for prompt, image in read_anchors(path)]
+    for _, image in anchors:
+        if not os.path.exists(image):
+            fail(f"missing anchor image {image}")
+    return anchors
+
+
+@torch.no_grad()
+def encode_training_data(pipe, pairs, anchors, dtype=torch.float32):
+    """Latents of winners, losers and anchors, text embeddings of the unsafe and the anchor
+    prompts and of the empty prompt, computed once: the VAE and the text encoder are frozen
+    (stage 2 trains on them, stage 3's repair keeps the merge's behaviour on them)."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def latents(paths):
+        out = []
+        for i in tqdm(range(0, len(paths), 32), desc="encoding images", leave=False):
+            pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths[i:i + 32]])
+            pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(pipe.device, dtype) / 127.5 - 1
+            out.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+        return torch.cat(out).float()
+    winners = latents([p["winner_image"] for p in pairs])
+    losers = latents([p["loser_image"] for p in pairs])
+    anchor_latents = latents([image for _, image in anchors]) if anchors else None
+    prompts = [p["unsafe_prompt"] for p in pairs] + [prompt for prompt, _ in anchors] + [""]
+    embeds = torch.cat([pipe.encode_prompt(prompts[i:i + 64], pipe.device, 1, False)[0]
+                        for i in range(0, len(prompts), 64)]).float()
+    return winners, losers, anchor_latents, embeds[:len(pairs)], embeds[len(pairs):-1], embeds[-1]
 
 
 def init_distributed():

@@ -135,6 +135,21 @@ def test_merged_lora_loads_with_plain_load_lora_weights(work, toy_model, method)
     pipe.load_lora_weights(str(out))
 
 
+def test_repair_pulls_the_merge_back_to_the_reference_on_anchor_prompts(work, toy_model):
+    out = work / "merged-repaired"
+    result = run_stage("03_merge.py", str(work / "Violence"), str(work / "Hate"), "--method", "cat", "--scale", "3",
+                       "--repair_steps", "15", "--repair_batch_size", "4", "--repair_learning_rate", "1e-2", "--keep_weight", "0",
+                       "--output_dir", str(out))
+    info, layers = read_lora(str(out))
+    repaired = info["repair"]
+    assert repaired["steps"] == 15 and "anchor drift" in result.stdout
+    assert repaired["anchor_drift_before"] > 0 and repaired["anchor_drift_after"] < 0.5 * repaired["anchor_drift_before"]
+    assert info["rank"] == 8 and all(a.shape[0] == 8 for a, _ in layers.values())
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(toy_model, safety_checker=None, dtype=torch.float32)
+    pipe.load_lora_weights(str(out))
+
+
 def test_merge_refuses_experts_of_different_ranks(work):
     other = work / "other-rank"
     shutil.copytree(work / "Hate", other, dirs_exist_ok=True)
