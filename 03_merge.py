@@ -18,7 +18,7 @@ merged LoRA briefly with prior preservation alone, no preference pairs: on the a
 must predict what the reference predicts, on the unsafe prompts what the merge predicted.
 
     python 03_merge.py experts/hate experts/violence ... --method comerge --output_dir merged/comerge
-    python 03_merge.py experts/hate experts/violence ... --method comerge --scale 1.75 --repair_steps 400 \
+    python 03_merge.py experts/hate experts/violence ... --method comerge --scale 1.75 --repair_steps 800 \
         --output_dir merged/comerge-repaired
 
 The output loads with plain `pipe.load_lora_weights(output_dir)`.
@@ -56,8 +56,8 @@ def parse_args():
                         help="after merging: steps of prior preservation on the merged LoRA (default 0: none)")
     parser.add_argument("--repair_learning_rate", type=float, default=1e-3)
     parser.add_argument("--repair_batch_size", type=int, default=16)
-    parser.add_argument("--anchor_weight", type=float, default=100.0,
-                        help="repair: weight of staying the reference on anchor prompts (as in stage 2)")
+    parser.add_argument("--anchor_weight", type=float, default=300.0,
+                        help="repair: weight of staying the reference on anchor prompts (stage 2's term)")
     parser.add_argument("--keep_weight", type=float, default=100.0,
                         help="repair: weight of keeping the merge's prediction on the unsafe prompts")
     parser.add_argument("--seed", type=int, default=0)

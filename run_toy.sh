@@ -15,4 +15,8 @@ done
 # One LoRA on all pairs (the release's recipe), with the compute of all experts together.
 python 02_train_expert.py --data data/toy --category all --output_dir experts/all --max_train_steps $((150 * ${#CATEGORIES[@]}))
 python 03_merge.py "${experts[@]}" --method comerge --data data/toy --output_dir merged/comerge
-python 04_evaluate.py --lora co-merge=merged/comerge all-data=experts/all --output_dir results/toy
+# Co-Merge scaled up, then repaired with prior preservation (not in the paper; README, "Repairing the merge")
+python 03_merge.py "${experts[@]}" --method comerge --data data/toy --scale 1.75 --repair_steps 800 \
+  --output_dir merged/comerge-repaired
+python 04_evaluate.py --lora co-merge=merged/comerge co-merge+repair=merged/comerge-repaired all-data=experts/all \
+  --output_dir results/toy
