@@ -210,7 +210,7 @@ def repair(args, pipe, layers, rank, targets, per_expert):
     (noised winners and losers alike) it must predict what the merge itself predicted, which keeps
     what the experts removed. No preference pairs and no DPO: the experts' work is not redone."""
     from torch.func import functional_call
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     pairs = [p for pairs_csv, rows in per_expert for p in pair_images(rows, pairs_csv)]
     anchor_files = sorted({os.path.join(os.path.dirname(pairs_csv), "anchors.csv") for pairs_csv, _ in per_expert})
     for path in anchor_files:
@@ -222,11 +222,7 @@ def repair(args, pipe, layers, rank, targets, per_expert):
     winners, losers, anchor_latents, unsafe_embeds, anchor_embeds, empty = encode_training_data(pipe, pairs, anchors)
     unet, scheduler = pipe.unet, pipe.scheduler
     params = add_lora(unet, rank, rank, targets)  # alpha = rank: the factors carry the scale
-    modules = dict(unet.named_modules())
-    with torch.no_grad():
-        for key, value in layers.items():  # "<layer>.lora_A.weight" -> the adapter's weight
-            layer, part = key.rsplit(".", 2)[0], key.split(".")[-2]
-            getattr(modules[layer], part)["default"].weight.copy_(value)
+    set_peft_model_state_dict(unet, layers)  # start at the merge (the inverse of what save_lora is given)
     merge = {name: p.detach().clone() for name, p in unet.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params, lr=args.repair_learning_rate)
 
