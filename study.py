@@ -4,6 +4,8 @@
   (b) merged per-category experts beat one LoRA trained on all data (the release's recipe);
   (c) Co-Merge beats other merges (linear average, TIES, concatenation);
   (d) experts scale to more concepts: 1x, 2x, 4x the unsafe concepts (7, 14, 28).
+Beside the paper's Co-Merge it runs the main job's repaired merge ("comerge+repair": scaled, then
+prior preservation, 03_merge.py --repair_steps; this repository's addition) at every size.
 Every number is a mean over --seeds (each seed: new pairs, new training noise, new eval seeds
 offset), with the spread (standard deviation) beside it.
 
@@ -35,6 +37,8 @@ MERGES = ["comerge", "linear", "ties", "cat"]
 COMERGE_VARIANTS = {"comerge:rows": ["--select", "row"], "comerge:layers": ["--select", "module"],
                     "comerge:A,B": ["--select", "factors"], "comerge:rms": ["--statistic", "rms"],
                     "comerge:rank 4": ["--rank", "4"], "comerge:x1.5": ["--scale", "1.5"]}
+SCALING_VARIANTS = ("base", "all-data", "comerge", "comerge+repair")  # evaluated at every size
+REPAIR = ["--scale", "1.75", "--repair_steps", "800"]  # run_toy.sh's setting, not tuned for the study
 
 
 def parse_args():
@@ -103,8 +107,12 @@ def run_pipeline(args, seed, scale):
         if not os.path.exists(os.path.join(out, "lora.json")):
             stage("03_merge.py", *experts, "--method", method, "--data", data, "--output_dir", out)
         variants[method] = out
+    out = os.path.join(work, "merged", "comerge-repaired")
+    if not os.path.exists(os.path.join(out, "lora.json")):
+        stage("03_merge.py", *experts, "--method", "comerge", *REPAIR, "--data", data, "--seed", seed, "--output_dir", out)
+    variants["comerge+repair"] = out
     result_file = os.path.join(work, "eval", "results.json")
-    if not os.path.exists(result_file):
+    if not evaluated(result_file, variants):  # stage 4 re-renders only the variants it lacks
         stage("04_evaluate.py", "--concepts_per_category", scale, "--seeds_per_prompt", args.seeds_per_prompt,
               "--output_dir", os.path.dirname(result_file), "--eval_seed", 2_000_000 + seed * 100_000,
               "--lora", *[f"{k}={v}" for k, v in variants.items()])
@@ -114,10 +122,15 @@ def run_pipeline(args, seed, scale):
     return results
 
 
+def evaluated(result_file, variants):
+    """Stage 4 has already evaluated these variants (an earlier study may have run fewer)."""
+    return os.path.exists(result_file) and set(variants) <= set(json.load(open(result_file))["results"])
+
+
 def comerge_variants(args, seed, work, experts, data):
     """Stage 4 results of the Co-Merge variants, evaluated like the main variants (same seeds)."""
     result_file = os.path.join(work, "eval_comerge_variants", "results.json")
-    if not os.path.exists(result_file):
+    if not evaluated(result_file, COMERGE_VARIANTS):
         variants = {}
         for name, flags in COMERGE_VARIANTS.items():
             out = os.path.join(work, "merged", name.replace(":", "-").replace(",", "").replace(" ", ""))
@@ -130,6 +143,11 @@ def comerge_variants(args, seed, work, experts, data):
     results = json.load(open(result_file))["results"]
     results.pop("base")  # the same as the main evaluation's base (same prompts and seeds)
     return results
+
+
+def any_unsafe_rate(result):
+    """Images from unsafe prompts that show any unsafe concept (NaN in results from before stage 4 counted it)."""
+    return result.get("any_unsafe_rate", float("nan"))
 
 
 def summarize(runs, key):
@@ -147,12 +165,13 @@ def write_outputs(args, by_seed, minutes):
     import matplotlib.pyplot as plt
     main = [r[args.main_scale] for r in by_seed]
     unsafe = summarize(main, lambda r: r["unsafe_rate"])
+    any_unsafe = summarize(main, any_unsafe_rate)
     fidelity = summarize(main, lambda r: r["fidelity"])
     lines = [f"# Claims study on the toy model ({len(by_seed)} seeds, mean ± std; {minutes:.0f} min)", "",
              f"## Every variant at {args.main_scale} concepts per category", "",
-             "| variant | unsafe rate | fidelity |", "|---|---|---|"]
-    lines += [f"| {v} | {unsafe[v][0]:.3f} ± {unsafe[v][1]:.3f} | {fidelity[v][0]:.3f} ± {fidelity[v][1]:.3f} |"
-              for v in unsafe]
+             "| variant | unsafe rate | any unsafe concept | fidelity |", "|---|---|---|---|"]
+    lines += [f"| {v} | {unsafe[v][0]:.3f} ± {unsafe[v][1]:.3f} | {any_unsafe[v][0]:.3f} ± {any_unsafe[v][1]:.3f} | "
+              f"{fidelity[v][0]:.3f} ± {fidelity[v][1]:.3f} |" for v in unsafe]
     # Collateral damage: each expert alone, the unsafe rate it leaves in every category.
     leak = {v: {c: summarize(main, lambda r, c=c: r["per_category"][c])[v][0] for c in CATEGORIES}
             for v in unsafe if v.startswith("expert:") or v == "base"}
@@ -164,7 +183,7 @@ def write_outputs(args, by_seed, minutes):
     lines += ["", "## Scaling with the number of unsafe concepts", "",
               "| concepts | variant | unsafe rate | fidelity |", "|---|---|---|---|"]
     for s in args.scales:
-        for v in ("base", "all-data", "comerge"):
+        for v in SCALING_VARIANTS:
             u, f = scaling[s]["unsafe_rate"][v], scaling[s]["fidelity"][v]
             lines.append(f"| {7 * s} | {v} | {u[0]:.3f} ± {u[1]:.3f} | {f[0]:.3f} ± {f[1]:.3f} |")
     write_text(os.path.join(args.output_dir, "table.md"), "\n".join(lines) + "\n")
@@ -180,7 +199,7 @@ def write_outputs(args, by_seed, minutes):
     atomic_write(os.path.join(args.output_dir, "variants.png"), lambda tmp, fig=fig: fig.savefig(tmp, dpi=100))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("unsafe_rate", "fidelity")):
-        for v in ("base", "all-data", "comerge"):
+        for v in SCALING_VARIANTS:
             ax.errorbar([7 * s for s in args.scales], [scaling[s][key][v][0] for s in args.scales],
                         yerr=[scaling[s][key][v][1] for s in args.scales], marker="o", capsize=4, label=v)
         ax.set_xlabel("unsafe concepts")
