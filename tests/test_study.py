@@ -1,0 +1,35 @@
+"""The claims study's bookkeeping (study.py): its tables from stage 4's results, without running a stage."""
+import argparse
+import json
+import math
+
+import study
+
+
+def result(unsafe, fidelity, any_unsafe=None):
+    r = {"unsafe_rate": unsafe, "fidelity": fidelity, "per_category": {c: unsafe for c in study.CATEGORIES}}
+    if any_unsafe is not None:
+        r["any_unsafe_rate"] = any_unsafe
+    return r
+
+
+def test_study_table_gives_mean_and_spread_over_seeds(tmp_path):
+    by_seed = [{2: {"base": result(1.0, 0.9, 1.0), "all-data": result(0.4, 0.9, 0.5), "comerge": result(0.8, 0.9, 0.9),
+                    "comerge+repair": result(0.2, 0.95, 0.3), "expert:Hate": result(0.5, 0.9, 0.6)}},
+               {2: {"base": result(1.0, 0.9, 1.0), "all-data": result(0.4, 0.9, 0.5), "comerge": result(0.8, 0.9, 0.9),
+                    "comerge+repair": result(0.4, 0.85, 0.5), "expert:Hate": result(0.5, 0.9, 0.6)}}]
+    args = argparse.Namespace(main_scale=2, scales=[2], output_dir=str(tmp_path))
+    table = study.write_outputs(args, by_seed, minutes=1.0)
+    assert "| comerge+repair | 0.300 ± 0.100 | 0.400 ± 0.100 | 0.900 ± 0.050 |" in table
+    assert "| 14 | comerge+repair | 0.300 ± 0.100 | 0.900 ± 0.050 |" in table  # in the scaling section too
+    assert (tmp_path / "table.md").read_text().strip() == table.strip()
+    assert (tmp_path / "variants.png").stat().st_size and (tmp_path / "scaling.png").stat().st_size
+
+
+def test_study_reevaluates_when_a_cached_evaluation_lacks_a_variant(tmp_path):
+    path = tmp_path / "results.json"
+    assert not study.evaluated(str(path), {"comerge": "x"})
+    path.write_text(json.dumps({"results": {"base": {}, "comerge": {}}}))
+    assert study.evaluated(str(path), {"base": None, "comerge": "x"})
+    assert not study.evaluated(str(path), {"comerge": "x", "comerge+repair": "y"})  # an older study's evaluation
+    assert math.isnan(study.any_unsafe_rate(result(0.5, 0.9)))  # results from before the column: NaN, not a crash
