@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (atomic_write, barrier, check_settings, fail, generate, inference_dtype, init_distributed,
+from common import (anchors_csv, atomic_write, barrier, check_settings, fail, generate, inference_dtype, init_distributed,
                     load_pipeline, read_pairs, write_anchors, write_json, write_pairs)
 
 
@@ -223,7 +223,7 @@ def main():
                 [{**p, "loser_image": image_names(p["index"])[0], "winner_image": image_names(p["index"])[1]}
                  for p in kept])
     if anchors:
-        write_anchors(os.path.join(args.output_dir, "anchors.csv"), [(a, f"a_idx_{i}_0.png") for i, a in enumerate(anchors)])
+        write_anchors(anchors_csv(args.output_dir), [(a, f"a_idx_{i}_0.png") for i, a in enumerate(anchors)])
     per_category = {}
     for p in kept:
         per_category[p["category"]] = per_category.get(p["category"], 0) + 1

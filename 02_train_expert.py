@@ -43,7 +43,7 @@ from peft.tuners.lora import LoraLayer
 from tqdm import tqdm
 
 import toyworld
-from common import (LORA_TARGETS, add_lora, anchor_images, barrier, check_settings, dpo_loss, encode_training_data, fail,
+from common import (LORA_TARGETS, add_lora, anchor_images, anchors_csv, barrier, check_settings, dpo_loss, encode_training_data, fail,
                     find_checkpoint, generate, init_distributed, load_checkpoint, load_pipeline, pair_images,
                     read_pairs, save_checkpoint, save_lora, write_json)
 
@@ -100,7 +100,7 @@ def load_training_pairs(args):
 
 def load_anchors(args, pairs_csv):
     """(prompt, image path) anchors: the model's own images of prompts the expert must not change."""
-    path = args.anchors or os.path.join(os.path.dirname(pairs_csv), "anchors.csv")
+    path = args.anchors or anchors_csv(os.path.dirname(pairs_csv))
     if not os.path.exists(path):
         if args.anchor_weight:
             fail(f"--anchor_weight needs anchors: no {path} (stage 1 writes it; or pass --anchors CSV)")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (LORA_TARGETS, add_lora, anchor_images, encode_training_data, fail, generate, load_pipeline,
+from common import (LORA_TARGETS, add_lora, anchor_images, anchors_csv, encode_training_data, fail, generate, load_pipeline,
                     pair_images, read_lora, read_pairs, save_lora)
 
 
@@ -212,7 +212,7 @@ def repair(args, pipe, layers, rank, targets, per_expert):
     from torch.func import functional_call
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     pairs = [p for pairs_csv, rows in per_expert for p in pair_images(rows, pairs_csv)]
-    anchor_files = sorted({os.path.join(os.path.dirname(pairs_csv), "anchors.csv") for pairs_csv, _ in per_expert})
+    anchor_files = sorted({anchors_csv(os.path.dirname(pairs_csv)) for pairs_csv, _ in per_expert})
     for path in anchor_files:
         if not os.path.exists(path):
             fail(f"--repair_steps needs anchors: no {path} (stage 1 writes it)")
@@ -251,7 +251,8 @@ def repair(args, pipe, layers, rank, targets, per_expert):
         return F.mse_loss(out_unsafe, merged), F.mse_loss(out_anchor, reference)
 
     held_out = draw(-1)  # one fixed batch, to report the drift before and after
-    drift_before = errors(held_out)[1].item()
+    with torch.no_grad():
+        drift_before = errors(held_out)[1].item()
     for step in tqdm(range(args.repair_steps), desc="repairing the merge"):
         keep, drift = errors(draw(step))
         loss = args.keep_weight * keep + args.anchor_weight * drift
@@ -260,7 +261,8 @@ def repair(args, pipe, layers, rank, targets, per_expert):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    keep, drift = (e.item() for e in errors(held_out))
+    with torch.no_grad():
+        keep, drift = (e.item() for e in errors(held_out))
     return get_peft_model_state_dict(unet), {"steps": args.repair_steps, "learning_rate": args.repair_learning_rate,
                                              "anchor_weight": args.anchor_weight, "keep_weight": args.keep_weight,
                                              "anchor_drift_before": drift_before, "anchor_drift_after": drift,

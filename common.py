@@ -278,6 +278,11 @@ def write_anchors(path, rows):
     atomic_write(path, write)
 
 
+def anchors_csv(data_dir):
+    """Where stage 1 writes the anchors, and stages 2 and 3 look for them: beside pairs.csv."""
+    return os.path.join(data_dir, "anchors.csv")
+
+
 def read_anchors(path):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))

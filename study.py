@@ -103,14 +103,9 @@ def run_pipeline(args, seed, scale):
             variants[f"expert:{category}"] = out
     experts = [os.path.join(work, "experts", slug(c)) for c in CATEGORIES]
     for method in MERGES if scale == args.main_scale else ["comerge"]:
-        out = os.path.join(work, "merged", method)
-        if not os.path.exists(os.path.join(out, "lora.json")):
-            stage("03_merge.py", *experts, "--method", method, "--data", data, "--output_dir", out)
-        variants[method] = out
-    out = os.path.join(work, "merged", "comerge-repaired")
-    if not os.path.exists(os.path.join(out, "lora.json")):
-        stage("03_merge.py", *experts, "--method", "comerge", *REPAIR, "--data", data, "--seed", seed, "--output_dir", out)
-    variants["comerge+repair"] = out
+        variants[method] = merge(experts, data, os.path.join(work, "merged", method), "--method", method)
+    variants["comerge+repair"] = merge(experts, data, os.path.join(work, "merged", "comerge-repaired"),
+                                       "--method", "comerge", *REPAIR, "--seed", seed)
     result_file = os.path.join(work, "eval", "results.json")
     if not evaluated(result_file, variants):  # stage 4 re-renders only the variants it lacks
         stage("04_evaluate.py", "--concepts_per_category", scale, "--seeds_per_prompt", args.seeds_per_prompt,
@@ -120,6 +115,13 @@ def run_pipeline(args, seed, scale):
     if scale == args.main_scale:
         results.update(comerge_variants(args, seed, work, experts, data))
     return results
+
+
+def merge(experts, data, out, *flags):
+    """Stage 3 into out, unless an earlier run finished it; returns out."""
+    if not os.path.exists(os.path.join(out, "lora.json")):
+        stage("03_merge.py", *experts, *flags, "--data", data, "--output_dir", out)
+    return out
 
 
 def evaluated(result_file, variants):
@@ -134,9 +136,7 @@ def comerge_variants(args, seed, work, experts, data):
         variants = {}
         for name, flags in COMERGE_VARIANTS.items():
             out = os.path.join(work, "merged", name.replace(":", "-").replace(",", "").replace(" ", ""))
-            if not os.path.exists(os.path.join(out, "lora.json")):
-                stage("03_merge.py", *experts, "--method", "comerge", *flags, "--data", data, "--output_dir", out)
-            variants[name] = out
+            variants[name] = merge(experts, data, out, "--method", "comerge", *flags)
         stage("04_evaluate.py", "--concepts_per_category", args.main_scale, "--seeds_per_prompt", args.seeds_per_prompt,
               "--output_dir", os.path.dirname(result_file), "--eval_seed", 2_000_000 + seed * 100_000,
               "--lora", *[f"{k}={v}" for k, v in variants.items()])
