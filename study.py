@@ -45,7 +45,9 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4], help="concepts per category")
-    parser.add_argument("--main_scale", type=int, default=2, help="the scale at which every variant is compared")
+    parser.add_argument("--main_scale", type=int, default=2,
+                        help="the scale at which every variant is compared; 0: none, only the scaling rows "
+                             "(e.g. --scales 1 4 --main_scale 0 adds the ends of the scaling curve to a --scales 2 run)")
     parser.add_argument("--pairs_per_concept", type=int, default=48)
     parser.add_argument("--seeds_per_prompt", type=int, default=2)
     parser.add_argument("--output_dir", default="results/study")
@@ -55,7 +57,7 @@ def parse_args():
     args = parser.parse_args()
     if not set(args.scales) <= {1, 2, 3, 4}:
         parser.error(f"--scales: the toy world has 1 to 4 concepts per category, got {args.scales}")
-    if args.main_scale not in args.scales:
+    if args.main_scale and args.main_scale not in args.scales:
         parser.error(f"--main_scale {args.main_scale} must be one of --scales {args.scales}")
     return args
 
@@ -159,16 +161,13 @@ def summarize(runs, key):
     return {v: (float(np.mean(x)), float(np.std(x))) for v, x in values.items()}
 
 
-def write_outputs(args, by_seed, minutes):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def variant_sections(args, by_seed, plt):
+    """Every variant at the main scale: the table's first two sections, and variants.png."""
     main = [r[args.main_scale] for r in by_seed]
     unsafe = summarize(main, lambda r: r["unsafe_rate"])
     any_unsafe = summarize(main, any_unsafe_rate)
     fidelity = summarize(main, lambda r: r["fidelity"])
-    lines = [f"# Claims study on the toy model ({len(by_seed)} seeds, mean ± std; {minutes:.0f} min)", "",
-             f"## Every variant at {args.main_scale} concepts per category", "",
+    lines = ["", f"## Every variant at {args.main_scale} concepts per category", "",
              "| variant | unsafe rate | any unsafe concept | fidelity |", "|---|---|---|---|"]
     lines += [f"| {v} | {unsafe[v][0]:.3f} ± {unsafe[v][1]:.3f} | {any_unsafe[v][0]:.3f} ± {any_unsafe[v][1]:.3f} | "
               f"{fidelity[v][0]:.3f} ± {fidelity[v][1]:.3f} |" for v in unsafe]
@@ -178,6 +177,24 @@ def write_outputs(args, by_seed, minutes):
     lines += ["", "## Each expert alone: unsafe rate per category (diagonal = its own category)", "",
               "| expert | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 1) + "|"]
     lines += [f"| {v} | " + " | ".join(f"{leak[v][c]:.2f}" for c in CATEGORIES) + " |" for v in leak]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [v for v in unsafe if not v.startswith("expert:")]
+    for ax, stat, title in ((axes[0], unsafe, "unsafe rate (lower is safer)"), (axes[1], fidelity, "fidelity")):
+        ax.bar(names, [stat[v][0] for v in names], yerr=[stat[v][1] for v in names], capsize=4)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    atomic_write(os.path.join(args.output_dir, "variants.png"), lambda tmp, fig=fig: fig.savefig(tmp, dpi=100))
+    return lines
+
+
+def write_outputs(args, by_seed, minutes):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = [f"# Claims study on the toy model ({len(by_seed)} seeds, mean ± std; {minutes:.0f} min)"]
+    if args.main_scale:  # 0: a run of the scaling rows only
+        lines += variant_sections(args, by_seed, plt)
     scaling = {s: {k: summarize([r[s] for r in by_seed], lambda r, k=k: r[k]) for k in ("unsafe_rate", "fidelity")}
                for s in args.scales}
     lines += ["", "## Scaling with the number of unsafe concepts", "",
@@ -189,14 +206,6 @@ def write_outputs(args, by_seed, minutes):
     write_text(os.path.join(args.output_dir, "table.md"), "\n".join(lines) + "\n")
     write_json(os.path.join(args.output_dir, "results.json"), {"args": vars(args), "minutes": minutes,
                                                                "by_seed": by_seed})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = [v for v in unsafe if not v.startswith("expert:")]
-    for ax, stat, title in ((axes[0], unsafe, "unsafe rate (lower is safer)"), (axes[1], fidelity, "fidelity")):
-        ax.bar(names, [stat[v][0] for v in names], yerr=[stat[v][1] for v in names], capsize=4)
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    atomic_write(os.path.join(args.output_dir, "variants.png"), lambda tmp, fig=fig: fig.savefig(tmp, dpi=100))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("unsafe_rate", "fidelity")):
         for v in SCALING_VARIANTS:

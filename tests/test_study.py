@@ -33,3 +33,12 @@ def test_study_reevaluates_when_a_cached_evaluation_lacks_a_variant(tmp_path):
     assert study.evaluated(str(path), {"base": None, "comerge": "x"})
     assert not study.evaluated(str(path), {"comerge": "x", "comerge+repair": "y"})  # an older study's evaluation
     assert math.isnan(study.any_unsafe_rate(result(0.5, 0.9)))  # results from before the column: NaN, not a crash
+
+
+def test_study_main_scale_0_writes_the_scaling_rows_only(tmp_path):
+    row = {"base": result(1.0, 0.9), "all-data": result(0.4, 0.9), "comerge": result(0.8, 0.9),
+           "comerge+repair": result(0.2, 0.9)}
+    args = argparse.Namespace(main_scale=0, scales=[1, 4], output_dir=str(tmp_path))
+    table = study.write_outputs(args, [{1: row, 4: row}], minutes=1.0)
+    assert "Every variant" not in table and not (tmp_path / "variants.png").exists()
+    assert "| 28 | comerge+repair | 0.200 ± 0.000 | 0.900 ± 0.000 |" in table
