@@ -195,14 +195,15 @@ def write_outputs(args, by_seed, minutes):
     lines = [f"# Claims study on the toy model ({len(by_seed)} seeds, mean ± std; {minutes:.0f} min)"]
     if args.main_scale:  # 0: a run of the scaling rows only
         lines += variant_sections(args, by_seed, plt)
-    scaling = {s: {k: summarize([r[s] for r in by_seed], lambda r, k=k: r[k]) for k in ("unsafe_rate", "fidelity")}
-               for s in args.scales}
+    stats = {"unsafe_rate": lambda r: r["unsafe_rate"], "fidelity": lambda r: r["fidelity"],
+             "any_unsafe_rate": any_unsafe_rate}
+    scaling = {s: {k: summarize([r[s] for r in by_seed], stat) for k, stat in stats.items()} for s in args.scales}
     lines += ["", "## Scaling with the number of unsafe concepts", "",
-              "| concepts | variant | unsafe rate | fidelity |", "|---|---|---|---|"]
+              "| concepts | variant | unsafe rate | fidelity | any unsafe concept |", "|---|---|---|---|---|"]
     for s in args.scales:
         for v in SCALING_VARIANTS:
-            u, f = scaling[s]["unsafe_rate"][v], scaling[s]["fidelity"][v]
-            lines.append(f"| {7 * s} | {v} | {u[0]:.3f} ± {u[1]:.3f} | {f[0]:.3f} ± {f[1]:.3f} |")
+            lines.append(f"| {7 * s} | {v} | " + " | ".join(f"{m:.3f} ± {d:.3f}" for m, d in
+                                                           (scaling[s][k][v] for k in stats)) + " |")
     write_text(os.path.join(args.output_dir, "table.md"), "\n".join(lines) + "\n")
     write_json(os.path.join(args.output_dir, "results.json"), {"args": vars(args), "minutes": minutes,
                                                                "by_seed": by_seed})
