@@ -9,7 +9,7 @@ python 01_generate_data.py --output_dir data/toy                      # CoProV2-
 
 # One LoRA on all pairs (the release's recipe, the baseline) trains beside the seven experts, each
 # side on half the cores: it has exactly their compute (7 x 150 steps), and the toy UNet is too
-# small for one training to keep all cores busy, so two side by side finish ~1.5x sooner.
+# small for one training to keep all cores busy, so two side by side finish sooner (1.25x, README).
 export OMP_NUM_THREADS=$(python -c "import os; print(max(1, (os.cpu_count() or 2) // 2))")
 mkdir -p experts
 python 02_train_expert.py --data data/toy --category all --output_dir experts/all \
@@ -24,6 +24,7 @@ for category in "${CATEGORIES[@]}"; do                                # one safe
 done
 echo "waiting for the all-data LoRA (progress: experts/all.log)"
 wait $all_data || { tail -n 1 experts/all.log; exit 1; }
+trap - EXIT                                                           # it has ended: nothing left to stop
 tail -n 1 experts/all.log
 unset OMP_NUM_THREADS                                                 # from here on, one job at a time
 
