@@ -152,6 +152,17 @@ def any_unsafe_rate(result):
     return result.get("any_unsafe_rate", float("nan"))
 
 
+# The tables' columns: each a function of one variant's stage 4 result.
+STATS = {"unsafe rate": lambda r: r["unsafe_rate"], "any unsafe concept": any_unsafe_rate,
+         "fidelity": lambda r: r["fidelity"]}
+SCALING_COLUMNS = ("unsafe rate", "fidelity", "any unsafe concept")  # the scaling table's order in docs/study
+
+
+def mean_std_cells(stats, variant, columns=tuple(STATS)):
+    """One table row's cells: 'mean ± std' of each column for the variant."""
+    return " | ".join(f"{stats[k][variant][0]:.3f} ± {stats[k][variant][1]:.3f}" for k in columns)
+
+
 def summarize(runs, key):
     """{variant: (mean, std)} of results[variant][key] across seeds."""
     values = {}
@@ -164,13 +175,11 @@ def summarize(runs, key):
 def variant_sections(args, by_seed, plt):
     """Every variant at the main scale: the table's first two sections, and variants.png."""
     main = [r[args.main_scale] for r in by_seed]
-    unsafe = summarize(main, lambda r: r["unsafe_rate"])
-    any_unsafe = summarize(main, any_unsafe_rate)
-    fidelity = summarize(main, lambda r: r["fidelity"])
+    stats = {k: summarize(main, stat) for k, stat in STATS.items()}
+    unsafe, fidelity = stats["unsafe rate"], stats["fidelity"]
     lines = ["", f"## Every variant at {args.main_scale} concepts per category", "",
-             "| variant | unsafe rate | any unsafe concept | fidelity |", "|---|---|---|---|"]
-    lines += [f"| {v} | {unsafe[v][0]:.3f} ± {unsafe[v][1]:.3f} | {any_unsafe[v][0]:.3f} ± {any_unsafe[v][1]:.3f} | "
-              f"{fidelity[v][0]:.3f} ± {fidelity[v][1]:.3f} |" for v in unsafe]
+             "| variant | " + " | ".join(STATS) + " |", "|---" * (len(STATS) + 1) + "|"]
+    lines += [f"| {v} | {mean_std_cells(stats, v)} |" for v in unsafe]
     # Collateral damage: each expert alone, the unsafe rate it leaves in every category.
     leak = {v: {c: summarize(main, lambda r, c=c: r["per_category"][c])[v][0] for c in CATEGORIES}
             for v in unsafe if v.startswith("expert:") or v == "base"}
@@ -195,25 +204,21 @@ def write_outputs(args, by_seed, minutes):
     lines = [f"# Claims study on the toy model ({len(by_seed)} seeds, mean ± std; {minutes:.0f} min)"]
     if args.main_scale:  # 0: a run of the scaling rows only
         lines += variant_sections(args, by_seed, plt)
-    stats = {"unsafe_rate": lambda r: r["unsafe_rate"], "fidelity": lambda r: r["fidelity"],
-             "any_unsafe_rate": any_unsafe_rate}
-    scaling = {s: {k: summarize([r[s] for r in by_seed], stat) for k, stat in stats.items()} for s in args.scales}
+    scaling = {s: {k: summarize([r[s] for r in by_seed], stat) for k, stat in STATS.items()} for s in args.scales}
     lines += ["", "## Scaling with the number of unsafe concepts", "",
-              "| concepts | variant | unsafe rate | fidelity | any unsafe concept |", "|---|---|---|---|---|"]
-    for s in args.scales:
-        for v in SCALING_VARIANTS:
-            lines.append(f"| {7 * s} | {v} | " + " | ".join(f"{m:.3f} ± {d:.3f}" for m, d in
-                                                           (scaling[s][k][v] for k in stats)) + " |")
+              "| concepts | variant | " + " | ".join(SCALING_COLUMNS) + " |", "|---" * (len(STATS) + 2) + "|"]
+    lines += [f"| {7 * s} | {v} | {mean_std_cells(scaling[s], v, SCALING_COLUMNS)} |"
+              for s in args.scales for v in SCALING_VARIANTS]
     write_text(os.path.join(args.output_dir, "table.md"), "\n".join(lines) + "\n")
     write_json(os.path.join(args.output_dir, "results.json"), {"args": vars(args), "minutes": minutes,
                                                                "by_seed": by_seed})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("unsafe_rate", "fidelity")):
+    for ax, key in zip(axes, ("unsafe rate", "fidelity")):
         for v in SCALING_VARIANTS:
             ax.errorbar([7 * s for s in args.scales], [scaling[s][key][v][0] for s in args.scales],
                         yerr=[scaling[s][key][v][1] for s in args.scales], marker="o", capsize=4, label=v)
         ax.set_xlabel("unsafe concepts")
-        ax.set_title(key.replace("_", " "))
+        ax.set_title(key)
         ax.legend()
     fig.tight_layout()
     atomic_write(os.path.join(args.output_dir, "scaling.png"), lambda tmp, fig=fig: fig.savefig(tmp, dpi=100))
