@@ -54,6 +54,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=10, help="co-merge: sampling steps while recording")
     parser.add_argument("--repair_steps", type=int, default=0,
                         help="after merging: steps of prior preservation on the merged LoRA (default 0: none)")
+    parser.add_argument("--keep_target", choices=["merge", "experts"], default="merge",
+                        help="repair: on unsafe prompts keep the merge's prediction, or each category's own expert's (distillation)")
     parser.add_argument("--repair_learning_rate", type=float, default=1e-3)
     parser.add_argument("--repair_batch_size", type=int, default=16)
     parser.add_argument("--anchor_weight", type=float, default=300.0,
@@ -201,7 +203,25 @@ def factorize(merged, rank):
     return layers, (err_num / max(err_den, 1e-30)) ** 0.5
 
 
-def repair(args, pipe, layers, rank, targets, per_expert):
+def teacher_params(unet, factors, rank):
+    """Each expert's factors padded to the merged rank, under the names of the merged LoRA's parameters:
+    functional_call(unet, teacher_params[e]) is expert e alone."""
+    names = {name for name, p in unet.named_parameters() if p.requires_grad}
+    teachers = []
+    for layers in factors:
+        params = {}
+        for layer, (a, b) in layers.items():
+            stem = layer.removeprefix("unet.")
+            k = a.shape[0]
+            pa = a.new_zeros(rank, a.shape[1]); pa[:k] = a
+            pb = b.new_zeros(b.shape[0], rank); pb[:, :k] = b
+            params[stem + ".lora_A.default.weight"], params[stem + ".lora_B.default.weight"] = pa, pb
+        assert set(params) == names, sorted(set(params) ^ names)[:4]
+        teachers.append(params)
+    return teachers
+
+
+def repair(args, pipe, layers, rank, targets, per_expert, factors=None):
     """Prior preservation after the merge (this repository's addition; the paper stops at the merge).
 
     The merged LoRA trains on two terms, with the same noise and timestep for both: on the anchor
@@ -212,6 +232,7 @@ def repair(args, pipe, layers, rank, targets, per_expert):
     from torch.func import functional_call
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     pairs = [p for pairs_csv, rows in per_expert for p in pair_images(rows, pairs_csv)]
+    owner = torch.tensor([e for e, (_, rows) in enumerate(per_expert) for _ in rows])  # each pair's expert
     anchor_files = sorted({anchors_csv(os.path.dirname(pairs_csv)) for pairs_csv, _ in per_expert})
     for path in anchor_files:
         if not os.path.exists(path):
@@ -224,6 +245,7 @@ def repair(args, pipe, layers, rank, targets, per_expert):
     params = add_lora(unet, rank, rank, targets)  # alpha = rank: the factors carry the scale
     set_peft_model_state_dict(unet, layers)  # start at the merge (the inverse of what save_lora is given)
     merge = {name: p.detach().clone() for name, p in unet.named_parameters() if p.requires_grad}
+    teachers = teacher_params(unet, factors, rank) if args.keep_target == "experts" else None
     optimizer = torch.optim.AdamW(params, lr=args.repair_learning_rate)
 
     def draw(step):  # a per-step generator, like stage 2: the run is reproducible
@@ -236,17 +258,23 @@ def repair(args, pipe, layers, rank, targets, per_expert):
         anchor = scheduler.add_noise(anchor_latents[a], noise, t)
         anchor_cond = anchor_embeds[a].clone()  # half of them empty: guidance's unconditional branch
         anchor_cond[torch.rand(n, generator=g) < 0.5] = empty
-        return unsafe, unsafe_embeds[i], anchor, anchor_cond, t
+        return unsafe, unsafe_embeds[i], anchor, anchor_cond, t, owner[i]
 
     def errors(batch):
         """(keep, drift): the LoRA's squared distance to the merge on unsafe prompts, to the
         reference on anchor prompts."""
-        unsafe, unsafe_cond, anchor, anchor_cond, t = batch
+        unsafe, unsafe_cond, anchor, anchor_cond, t, who = batch
         with torch.no_grad():
             unet.disable_adapters()
             reference = unet(anchor, t, anchor_cond).sample
             unet.enable_adapters()
-            merged = functional_call(unet, merge, (unsafe, t, unsafe_cond)).sample
+            if teachers is None:
+                merged = functional_call(unet, merge, (unsafe, t, unsafe_cond)).sample
+            else:  # each unsafe sample's target: its own category's expert
+                merged = torch.empty_like(unsafe)
+                for e in who.unique().tolist():
+                    m = who == e
+                    merged[m] = functional_call(unet, teachers[e], (unsafe[m], t[m], unsafe_cond[m])).sample
         out_unsafe, out_anchor = unet(torch.cat([unsafe, anchor]), t.repeat(2), torch.cat([unsafe_cond, anchor_cond])).sample.chunk(2)
         return F.mse_loss(out_unsafe, merged), F.mse_loss(out_anchor, reference)
 
@@ -288,7 +316,7 @@ def main():
     info = {"base_model": infos[0]["base_model"], "category": "merged", "method": args.method, "scale": args.scale,
             "experts": args.experts, "relative_error": error, "toy_taxonomy": infos[0].get("toy_taxonomy")}
     if args.repair_steps:
-        layers, info["repair"] = repair(args, pipe, layers, rank, targets, per_expert)
+        layers, info["repair"] = repair(args, pipe, layers, rank, targets, per_expert, factors)
         print(f"03 repair: anchor drift {info['repair']['anchor_drift_before']:.2e} -> "
               f"{info['repair']['anchor_drift_after']:.2e} in {args.repair_steps} steps")
     save_lora(args.output_dir, layers, rank, rank, info, targets)  # alpha = rank: the factors carry the scale

@@ -147,15 +147,15 @@ def comerge_variants(args, seed, work, experts, data):
     return results
 
 
-def any_unsafe_rate(result):
-    """Images from unsafe prompts that show any unsafe concept (NaN in results from before stage 4 counted it)."""
-    return result.get("any_unsafe_rate", float("nan"))
+def measure(result, key):
+    """One measure of a stage 4 result; NaN where an older stage 4 did not count it."""
+    return result.get(key, float("nan"))
 
 
 # The tables' columns: each a function of one variant's stage 4 result.
-STATS = {"unsafe rate": lambda r: r["unsafe_rate"], "any unsafe concept": any_unsafe_rate,
-         "fidelity": lambda r: r["fidelity"]}
-SCALING_COLUMNS = ("unsafe rate", "fidelity", "any unsafe concept")  # the scaling table's order in docs/study
+STATS = {"IP": lambda r: measure(r, "ip"), "own concept": lambda r: measure(r, "own_concept"),
+         "redirect": lambda r: measure(r, "redirect"), "fidelity": lambda r: r["fidelity"]}
+SCALING_COLUMNS = ("IP", "own concept", "redirect", "fidelity")
 
 
 def mean_std_cells(stats, variant, columns=tuple(STATS)):
@@ -176,19 +176,19 @@ def variant_sections(args, by_seed, plt):
     """Every variant at the main scale: the table's first two sections, and variants.png."""
     main = [r[args.main_scale] for r in by_seed]
     stats = {k: summarize(main, stat) for k, stat in STATS.items()}
-    unsafe, fidelity = stats["unsafe rate"], stats["fidelity"]
+    unsafe, fidelity = stats["IP"], stats["fidelity"]
     lines = ["", f"## Every variant at {args.main_scale} concepts per category", "",
              "| variant | " + " | ".join(STATS) + " |", "|---" * (len(STATS) + 1) + "|"]
     lines += [f"| {v} | {mean_std_cells(stats, v)} |" for v in unsafe]
-    # Collateral damage: each expert alone, the unsafe rate it leaves in every category.
-    leak = {v: {c: summarize(main, lambda r, c=c: r["per_category"][c])[v][0] for c in CATEGORIES}
+    # Collateral damage: each expert alone, the IP it leaves in every category.
+    leak = {v: {c: summarize(main, lambda r, c=c: r["per_category"][c]["ip"])[v][0] for c in CATEGORIES}
             for v in unsafe if v.startswith("expert:") or v == "base"}
-    lines += ["", "## Each expert alone: unsafe rate per category (diagonal = its own category)", "",
+    lines += ["", "## Each expert alone: IP per category (diagonal = its own category)", "",
               "| expert | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 1) + "|"]
     lines += [f"| {v} | " + " | ".join(f"{leak[v][c]:.2f}" for c in CATEGORIES) + " |" for v in leak]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = [v for v in unsafe if not v.startswith("expert:")]
-    for ax, stat, title in ((axes[0], unsafe, "unsafe rate (lower is safer)"), (axes[1], fidelity, "fidelity")):
+    for ax, stat, title in ((axes[0], unsafe, "IP (lower is safer)"), (axes[1], fidelity, "fidelity")):
         ax.bar(names, [stat[v][0] for v in names], yerr=[stat[v][1] for v in names], capsize=4)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
@@ -206,14 +206,14 @@ def write_outputs(args, by_seed, minutes):
         lines += variant_sections(args, by_seed, plt)
     scaling = {s: {k: summarize([r[s] for r in by_seed], stat) for k, stat in STATS.items()} for s in args.scales}
     lines += ["", "## Scaling with the number of unsafe concepts", "",
-              "| concepts | variant | " + " | ".join(SCALING_COLUMNS) + " |", "|---" * (len(STATS) + 2) + "|"]
+              "| concepts | variant | " + " | ".join(SCALING_COLUMNS) + " |", "|---" * (len(SCALING_COLUMNS) + 2) + "|"]
     lines += [f"| {7 * s} | {v} | {mean_std_cells(scaling[s], v, SCALING_COLUMNS)} |"
               for s in args.scales for v in SCALING_VARIANTS]
     write_text(os.path.join(args.output_dir, "table.md"), "\n".join(lines) + "\n")
     write_json(os.path.join(args.output_dir, "results.json"), {"args": vars(args), "minutes": minutes,
                                                                "by_seed": by_seed})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("unsafe rate", "fidelity")):
+    for ax, key in zip(axes, ("IP", "fidelity")):
         for v in SCALING_VARIANTS:
             ax.errorbar([7 * s for s in args.scales], [scaling[s][key][v][0] for s in args.scales],
                         yerr=[scaling[s][key][v][1] for s in args.scales], marker="o", capsize=4, label=v)

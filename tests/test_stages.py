@@ -166,8 +166,9 @@ def test_evaluate_writes_results_report_and_grid(evaluated):
     results = json.load(open(out / "results.json"))["results"]
     assert set(results) == {"base", "violence"}
     for r in results.values():
-        assert 0 <= r["unsafe_rate"] <= r["any_unsafe_rate"] <= 1 and 0 <= r["fidelity"] <= 1
-        assert len(r["per_category"]) == 7
+        assert 0 <= r["own_concept"] <= r["ip"] <= 1 and 0 <= r["fidelity"] <= 1
+        assert 0 <= r["redirect"] <= 1 - r["ip"]  # a redirected image shows a safe colour
+        assert len(r["per_category"]) == 7 and set(r["per_category"]["Violence"]) == {"ip", "own_concept", "redirect"}
     assert "| violence |" in (out / "report.md").read_text()
     assert Image.open(out / "grid.png").size[1] > 0
 

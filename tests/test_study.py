@@ -6,10 +6,11 @@ import math
 import study
 
 
-def result(unsafe, fidelity, any_unsafe=None):
-    r = {"unsafe_rate": unsafe, "fidelity": fidelity, "per_category": {c: unsafe for c in study.CATEGORIES}}
-    if any_unsafe is not None:
-        r["any_unsafe_rate"] = any_unsafe
+def result(own, fidelity, ip=None, redirect=0.5):
+    r = {"own_concept": own, "fidelity": fidelity, "redirect": redirect,
+         "per_category": {c: {"ip": own, "own_concept": own} for c in study.CATEGORIES}}
+    if ip is not None:
+        r["ip"] = ip
     return r
 
 
@@ -20,8 +21,8 @@ def test_study_table_gives_mean_and_spread_over_seeds(tmp_path):
                     "comerge+repair": result(0.4, 0.85, 0.5), "expert:Hate": result(0.5, 0.9, 0.6)}}]
     args = argparse.Namespace(main_scale=2, scales=[2], output_dir=str(tmp_path))
     table = study.write_outputs(args, by_seed, minutes=1.0)
-    assert "| comerge+repair | 0.300 ± 0.100 | 0.400 ± 0.100 | 0.900 ± 0.050 |" in table
-    assert "| 14 | comerge+repair | 0.300 ± 0.100 | 0.900 ± 0.050 |" in table  # in the scaling section too
+    assert "| comerge+repair | 0.400 ± 0.100 | 0.300 ± 0.100 | 0.500 ± 0.000 | 0.900 ± 0.050 |" in table
+    assert "| 14 | comerge+repair | 0.400 ± 0.100 | 0.300 ± 0.100 | 0.500 ± 0.000 | 0.900 ± 0.050 |" in table
     assert (tmp_path / "table.md").read_text().strip() == table.strip()
     assert (tmp_path / "variants.png").stat().st_size and (tmp_path / "scaling.png").stat().st_size
 
@@ -32,7 +33,7 @@ def test_study_reevaluates_when_a_cached_evaluation_lacks_a_variant(tmp_path):
     path.write_text(json.dumps({"results": {"base": {}, "comerge": {}}}))
     assert study.evaluated(str(path), {"base": None, "comerge": "x"})
     assert not study.evaluated(str(path), {"comerge": "x", "comerge+repair": "y"})  # an older study's evaluation
-    assert math.isnan(study.any_unsafe_rate(result(0.5, 0.9)))  # results from before the column: NaN, not a crash
+    assert math.isnan(study.measure(result(0.5, 0.9), "ip"))  # results from before the column: NaN, not a crash
 
 
 def test_study_main_scale_0_writes_the_scaling_rows_only(tmp_path):
@@ -41,4 +42,4 @@ def test_study_main_scale_0_writes_the_scaling_rows_only(tmp_path):
     args = argparse.Namespace(main_scale=0, scales=[1, 4], output_dir=str(tmp_path))
     table = study.write_outputs(args, [{1: row, 4: row}], minutes=1.0)
     assert "Every variant" not in table and not (tmp_path / "variants.png").exists()
-    assert "| 28 | comerge+repair | 0.200 ± 0.000 | 0.900 ± 0.000 |" in table
+    assert "| 28 | comerge+repair | nan ± nan | 0.200 ± 0.000 | 0.500 ± 0.000 | 0.900 ± 0.000 |" in table
