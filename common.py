@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from collections import namedtuple
 from datetime import timedelta
 
 import numpy as np
@@ -104,6 +105,9 @@ def load_checkpoint(path, tensors, optimizer, scaler=None):
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed_precision
+
+
 def inference_dtype(device):
     """Half precision for rendering on a GPU, full precision on a CPU."""
     return torch.float16 if str(device).startswith("cuda") else torch.float32
@@ -301,6 +305,10 @@ def anchor_images(path):
     return anchors
 
 
+# What stage 2 trains on and stage 3's distillation keeps: computed once, the VAE and text encoder are frozen.
+TrainingData = namedtuple("TrainingData", "winners losers anchor_latents prompt_embeds anchor_embeds empty_embed")
+
+
 @torch.no_grad()
 def encode_training_data(pipe, pairs, anchors, dtype=torch.float32):
     """Latents of winners, losers and anchors, text embeddings of the unsafe and the anchor
@@ -321,7 +329,36 @@ def encode_training_data(pipe, pairs, anchors, dtype=torch.float32):
     prompts = [p["unsafe_prompt"] for p in pairs] + [prompt for prompt, _ in anchors] + [""]
     embeds = torch.cat([pipe.encode_prompt(prompts[i:i + 64], pipe.device, 1, False)[0]
                         for i in range(0, len(prompts), 64)]).float()
-    return winners, losers, anchor_latents, embeds[:len(pairs)], embeds[len(pairs):-1], embeds[-1]
+    return TrainingData(winners, losers, anchor_latents, embeds[:len(pairs)], embeds[len(pairs):-1], embeds[-1])
+
+
+def anchor_condition(data, anchors, empty):
+    """The anchors' text embeddings, the empty prompt where `empty`: half of the anchors are drawn
+    unconditional, because classifier-free guidance's unconditional branch is shared by every prompt."""
+    cond = data.anchor_embeds[anchors].clone()
+    cond[empty] = data.empty_embed
+    return cond
+
+
+@torch.no_grad()
+def reference_prediction(unet, noisy, timesteps, cond):
+    """The reference model's noise prediction: the same UNet with its LoRA switched off (no second
+    UNet in memory). enable_adapters() also turns requires_grad back on for the LoRA weights."""
+    unet.disable_adapters()
+    try:
+        return unet(noisy, timesteps, cond).sample
+    finally:
+        unet.enable_adapters()
+
+
+def step_generator(seed, step):
+    """A training step's own random generator: a resumed run draws the same batches, noise and timesteps."""
+    return torch.Generator().manual_seed(seed * 100003 + step)
+
+
+def slug(category):
+    """A category's folder name: 'Illegal Activity' -> 'illegal-activity'."""
+    return category.lower().replace(" ", "-")
 
 
 def init_distributed():
@@ -337,6 +374,12 @@ def init_distributed():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), world
+
+
+def use_device(args, world):
+    """Under torchrun on GPUs, each process uses its own (init_distributed set it): cuda -> cuda:N."""
+    if world > 1 and args.device.startswith("cuda"):
+        args.device = f"cuda:{torch.cuda.current_device()}"
 
 
 def barrier():

@@ -367,7 +367,7 @@ def save_pipeline(tokenizer, text_encoder, vae, unet, output_dir):
                                    requires_safety_checker=False)
     # Saved beside the folder, then moved in part by part: a kill never leaves a half-written part.
     tmp = output_dir.rstrip("/") + f".tmp{os.getpid()}"
-    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # fp16 keeps it small
+    pipe.save_pretrained(tmp, safe_serialization=True)  # fp32: a plain from_pretrained works on a CPU
     for name in sorted(os.listdir(tmp), key=lambda n: n == "model_index.json"):  # the index last
         target = os.path.join(output_dir, name)
         if os.path.isdir(target):

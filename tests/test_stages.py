@@ -13,6 +13,7 @@ from conftest import error_line, load_stage, run_stage, run_torchrun
 
 TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "4", "--steps", "8", "--filter", "none"]
 TINY_TRAIN = ["--max_train_steps", "3", "--train_batch_size", "4", "--learning_rate", "1e-2", "--checkpoint_every", "1"]
+CATEGORIES_BUT_TWO = ["Harassment", "Self-harm", "Sexual", "Shocking", "Illegal Activity"]  # the work fixture trains two
 TINY_EVAL = ["--concepts_per_category", "1", "--seeds_per_prompt", "1", "--steps", "5"]
 # Two processes need two GPUs where there is one; on a CPU they share it (gloo).
 two_processes = pytest.mark.skipif(torch.cuda.device_count() == 1, reason="torchrun tests need 0 or >= 2 GPUs")
@@ -109,15 +110,9 @@ def test_co_merge_keeps_the_expert_that_dominates_each_weight():
     factors = [{"layer": (eye, d)} for d in deltas]
     # Expert 1's inputs are ten times stronger on feature 1, so it wins column 1 despite smaller
     # deltas there; column 0 goes to whichever delta is larger since activations tie.
-    activations = [{"layer": {"input": torch.tensor([1.0, 1.0]), "output": torch.tensor([1.0, 0.0]),
-                              "hidden": torch.ones(2)}},
-                   {"layer": {"input": torch.tensor([1.0, 10.0]), "output": torch.tensor([0.5, 2.0]),
-                              "hidden": torch.ones(2)}}]
+    activations = [{"layer": torch.tensor([1.0, 1.0])}, {"layer": torch.tensor([1.0, 10.0])}]
     merged = merge.co_merge(factors, activations)["layer"]
     assert torch.equal(merged, torch.tensor([[1.0, 0.3], [-0.4, 0.1]]))
-    # Per row: row 0 goes to expert 0 (output activation 1.0 > 0.5), row 1 to expert 1, whole.
-    rows = merge.co_merge(factors, activations, select="row")["layer"]
-    assert torch.equal(rows, torch.stack([deltas[0][0], deltas[1][1]]))
     layers, error = merge.factorize({"unet.layer": merged}, rank=2)
     assert error < 1e-5 and torch.allclose(layers["layer.lora_B.weight"] @ layers["layer.lora_A.weight"], merged, atol=1e-5)
 
@@ -127,7 +122,7 @@ def test_merged_lora_loads_with_plain_load_lora_weights(work, toy_model, method)
     out = work / f"merged-{method}"
     # no --data: Co-Merge takes its prompts from the pairs each expert was trained on (lora.json)
     run_stage("03_merge.py", str(work / "Violence"), str(work / "Hate"), "--method", method,
-              "--prompts_per_expert", "2", "--steps", "3", "--output_dir", str(out))
+              "--prompts_per_expert", "2", "--steps", "3", "--leave_out", *CATEGORIES_BUT_TWO, "--output_dir", str(out))
     info, layers = read_lora(str(out))
     assert info["rank"] == 8 and all(a.shape[0] == 8 for a, _ in layers.values())
     from diffusers import StableDiffusionPipeline
@@ -135,15 +130,19 @@ def test_merged_lora_loads_with_plain_load_lora_weights(work, toy_model, method)
     pipe.load_lora_weights(str(out))
 
 
-def test_repair_pulls_the_merge_back_to_the_reference_on_anchor_prompts(work, toy_model):
-    out = work / "merged-repaired"
+@pytest.mark.parametrize("weights, falls", [(["--expert_weight", "0"], "anchor_drift"),
+                                             (["--anchor_weight", "0"], "expert_error")])
+def test_distillation_pulls_the_merge_toward_experts_and_reference(work, toy_model, weights, falls):
+    """Each term of the distillation does its job alone: the anchor term pulls a badly scaled merge
+    back to the reference on safe prompts, the expert term pulls it toward each category's expert."""
+    out = work / f"merged-distilled-{falls}"
     result = run_stage("03_merge.py", str(work / "Violence"), str(work / "Hate"), "--method", "cat", "--scale", "3",
-                       "--repair_steps", "15", "--repair_batch_size", "4", "--repair_learning_rate", "1e-2", "--keep_weight", "0",
-                       "--output_dir", str(out))
+                       "--distill_steps", "15", "--distill_batch_size", "4", "--distill_learning_rate", "1e-2", *weights,
+                       "--leave_out", *CATEGORIES_BUT_TWO, "--output_dir", str(out))
     info, layers = read_lora(str(out))
-    repaired = info["repair"]
-    assert repaired["steps"] == 15 and "anchor drift" in result.stdout
-    assert repaired["anchor_drift_before"] > 0 and repaired["anchor_drift_after"] < 0.5 * repaired["anchor_drift_before"]
+    distilled = info["distill"]
+    assert distilled["steps"] == 15 and "03 distill" in result.stdout
+    assert distilled[f"{falls}_before"] > 0 and distilled[f"{falls}_after"] < 0.5 * distilled[f"{falls}_before"]
     assert info["rank"] == 8 and all(a.shape[0] == 8 for a, _ in layers.values())
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(toy_model, safety_checker=None, dtype=torch.float32)
@@ -320,18 +319,38 @@ def test_gradient_checkpointing_trains_the_same_expert(work, toy_model):
     assert all(torch.allclose(plain[k][i], checkpointed[k][i], atol=1e-5) for k in plain for i in (0, 1))
 
 
-def test_lora_targets_and_strength_range(work, toy_model):
-    """--lora_targets puts the expert on chosen projections only; --lora_scale_range trains it at
-    random strengths yet saves it at its own (alpha / rank); merging refuses mixed targets."""
-    out = work / "kv"
+def test_each_category_trains_every_expert_in_one_process(work, toy_model, tmp_path):
+    """--category each: one expert per category of the CSV, each the same as a one-category run."""
+    run_stage("02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category", "each",
+              "--output_dir", str(tmp_path / "experts"), *TINY_TRAIN)
+    folders = sorted(p.name for p in (tmp_path / "experts").iterdir())
+    assert folders == ["harassment", "hate", "illegal-activity", "self-harm", "sexual", "shocking", "violence"]
+    (_, alone), (_, together) = read_lora(str(work / "Violence")), read_lora(str(tmp_path / "experts" / "violence"))
+    assert all(torch.allclose(alone[k][i], together[k][i], atol=1e-6) for k in alone for i in (0, 1))
+    assert (tmp_path / "experts" / "violence" / "curve.png").stat().st_size > 0
+    merged = run_stage("03_merge.py", *[str(tmp_path / "experts" / f) for f in folders if f != "sexual"], "--method", "linear",
+                       "--output_dir", str(tmp_path / "merged"), check=False)  # one category forgotten: refused
+    assert merged.returncode != 0 and "categories without an expert: Sexual" in error_line(merged)
+
+
+def test_release_preset_resolves_to_the_release_recipe():
+    """The release's launcher: batch 4 x accumulation 4 on one GPU, lr 1e-5 scaled by 16, 500 warm-up steps."""
+    train = load_stage("02_train_expert.py")
+    args = train.parse_args(["--preset", "release", "--category", "Hate"])
+    assert args.train_batch_size * args.gradient_accumulation_steps == 16
+    assert train.learning_rate_at(args, 500) == pytest.approx(1.6e-4) and train.learning_rate_at(args, 5000) == pytest.approx(1.6e-4)
+    assert train.learning_rate_at(args, 250) == pytest.approx(0.8e-4)  # halfway through the warm-up
+    assert (args.beta, args.sft_weight, args.anchor_weight, args.empty_prompt_share) == (5000, 0, 0, 0.2)
+    assert (args.rank, args.alpha, args.max_train_steps, args.mixed_precision, args.max_grad_norm) == (4, 4, 2000, "fp16", 1.0)
+    assert train.parse_args(["--preset", "release", "--category", "Hate", "--max_train_steps", "10"]).max_train_steps == 10
+
+
+def test_gradient_accumulation_logs_the_effective_batch(work, toy_model, tmp_path):
+    out = tmp_path / "accumulated"
     run_stage("02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category", "Violence",
-              "--output_dir", str(out), "--lora_targets", "attn2.to_k", "attn2.to_v",
-              "--lora_scale_range", "0.3", "1.0", *TINY_TRAIN)
-    info, layers = read_lora(str(out))
-    assert info["targets"] == ["attn2.to_k", "attn2.to_v"] and info["alpha"] == 4
-    assert layers and all(".attn2.to_k" in k or ".attn2.to_v" in k for k in layers)
-    result = run_stage("03_merge.py", str(work / "Violence"), str(out), "--method", "linear",
-                       "--output_dir", str(work / "mixed"), check=False)
-    assert result.returncode != 0 and "adapts other layers" in error_line(result)
+              "--output_dir", str(out), *TINY_TRAIN, "--gradient_accumulation_steps", "2", "--lr_warmup_steps", "2")
     log = json.load(open(out / "log.json"))["log"]
-    assert log[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)  # a no-op at any strength at step 0
+    assert [s["step"] for s in log] == [1, 2, 3]
+    assert log[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 0 trains at lr 0 (warm-up): the
+    assert log[1]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)  # LoRA is still a no-op at step 1
+    assert log[2]["dpo_loss"] != pytest.approx(math.log(2), abs=1e-4)
