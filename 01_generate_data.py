@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 import toyworld
 from common import (anchors_csv, atomic_write, barrier, check_settings, default_batch_size, fail, generate,
-                    inference_dtype, init_distributed, load_pipeline, read_pairs, write_anchors, write_json, write_pairs)
+                    inference_dtype, init_distributed, load_pipeline, read_pairs, slice_vae, write_anchors, write_json,
+                    write_pairs)
 
 
 def parse_args():
@@ -149,7 +150,7 @@ def render(args, jobs, image_dir):
     if not todo:
         return 0
     pipe = load_pipeline(args.model, args.device, inference_dtype(args.device))
-    pipe.vae.enable_slicing()  # decode one image at a time: a batch of 512 px images at once is large
+    slice_vae(pipe)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     batch_size = args.batch_size or default_batch_size(pipe)
     nan = 0

@@ -48,7 +48,7 @@ from PIL import Image
 
 import toyworld
 from common import (LORA_FILE, atomic_write, default_batch_size, fail, generate, inference_dtype, init_distributed,
-                    load_pipeline, write_json, write_text)
+                    load_pipeline, slice_vae, write_json, write_text)
 
 # --preset: defaults for a published protocol; options given on the command line still win
 PRESETS = {"release": dict(scheduler="pndm", steps=50, seeds_per_prompt=1, guidance_scale=7.5, fixed_guidance=True,
@@ -339,7 +339,7 @@ def main():
         args.device = f"cuda:{torch.cuda.current_device()}"
     dtype = inference_dtype(args.device)
     pipe = load_pipeline(args.model, args.device, dtype, args.scheduler)
-    pipe.vae.enable_slicing()  # decode one image at a time: a batch of 512 px images at once is large
+    slice_vae(pipe)
     args.batch_size = args.batch_size or default_batch_size(pipe)
     judges = {}
     if args.judge == "paper" and rank == 0:  # Q16 + NudeNet for IP, CLIPScore for quality (realworld.py)

@@ -137,6 +137,13 @@ def default_batch_size(pipe):
     return 64 if pipe.unet.config.sample_size * pipe.vae_scale_factor <= 64 else 16
 
 
+def slice_vae(pipe):
+    """Decode one image at a time (VAE slicing) from SD's 512 px on, where a batch decoded at once
+    takes GBs. The toy's 64 px batches decode at once, as before: slicing moves its pixels by 1/255."""
+    if pipe.unet.config.sample_size * pipe.vae_scale_factor > 64:
+        pipe.vae.enable_slicing()
+
+
 def quiet_libraries():
     """Hide the libraries' info chatter (progress bars of loading, unused-key notes), keep errors."""
     import diffusers
