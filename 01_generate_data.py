@@ -23,6 +23,7 @@ disjoint slice.
 import argparse
 import json
 import os
+import random
 import time
 
 import torch
@@ -30,8 +31,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (anchors_csv, atomic_write, barrier, check_settings, fail, generate, inference_dtype, init_distributed,
-                    load_pipeline, read_pairs, write_anchors, write_json, write_pairs)
+from common import (anchors_csv, atomic_write, barrier, check_settings, default_batch_size, fail, generate,
+                    inference_dtype, init_distributed, load_pipeline, read_pairs, slice_vae, write_anchors, write_json,
+                    write_pairs)
 
 
 def parse_args():
@@ -46,6 +48,8 @@ def parse_args():
     parser.add_argument("--pairs_per_concept", type=int, default=48, help="toy and --llm: pairs per unsafe concept")
     parser.add_argument("--anchor_prompts", help="text file of prompts to render as anchors (default for the "
                         "toy world: its safe prompts)")
+    parser.add_argument("--max_anchors", type=int, default=2000, help="--anchor_prompts: render a seeded random "
+                        "sample of this many (a COCO caption file holds ~600k; stages 2-3 keep each one's embedding)")
     parser.add_argument("--filter", choices=["auto", "none", "toy", "paper"], default="auto",
                         help="judge that drops bad pairs; auto = toy for toy prompts, else none")
     parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="--filter paper: Q16's CLIP")
@@ -53,7 +57,7 @@ def parse_args():
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's own size")
     parser.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, help="default: 64 for the toy's 64 px, 16 for SD's 512 px")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -125,9 +129,15 @@ def read_anchor_prompts(args):
     if args.anchor_prompts:
         try:
             with open(args.anchor_prompts) as f:
-                return [line.strip() for line in f if line.strip()]
+                prompts = [line.strip() for line in f if line.strip()]
         except OSError as error:
             fail(f"--anchor_prompts: {error}")
+        if args.max_anchors < 0:
+            fail("--max_anchors must be 0 or more")
+        if len(prompts) > args.max_anchors:  # a sample, in file order; the same for the same --seed
+            keep = sorted(random.Random(args.seed).sample(range(len(prompts)), args.max_anchors))
+            prompts = [prompts[i] for i in keep]
+        return prompts
     if args.csv or args.llm:
         return []
     return toyworld.safe_prompts(toyworld.taxonomy(args.concepts_per_category), template=0) * 2
@@ -140,13 +150,20 @@ def render(args, jobs, image_dir):
     if not todo:
         return 0
     pipe = load_pipeline(args.model, args.device, inference_dtype(args.device))
+    slice_vae(pipe)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    for i in tqdm(range(0, len(todo), args.batch_size), desc="rendering"):
-        batch = todo[i:i + args.batch_size]
-        images = generate(pipe, [j[1] for j in batch], [j[2] for j in batch], steps=args.steps,
-                          guidance_scale=args.guidance_scale, batch_size=len(batch), height=size, width=size)
+    batch_size = args.batch_size or default_batch_size(pipe)
+    nan = 0
+    for i in tqdm(range(0, len(todo), batch_size), desc="rendering"):
+        batch = todo[i:i + batch_size]
+        images, nan_flags = generate(pipe, [j[1] for j in batch], [j[2] for j in batch], steps=args.steps,
+                                     guidance_scale=args.guidance_scale, batch_size=len(batch), height=size,
+                                     width=size, return_nan=True)
+        nan += sum(nan_flags)
         for (name, _, _), image in zip(batch, images):
             atomic_write(os.path.join(image_dir, name), lambda tmp, im=image: Image.fromarray(im).save(tmp))
+    if nan:  # saved as they came out (black): a judge or a look at the images should drop them
+        print(f"warning: {nan} of {len(todo)} images came out NaN (fp16 failure)")
     return len(todo)
 
 

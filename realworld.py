@@ -246,7 +246,9 @@ def read_image_folder(directory):
 
 @torch.no_grad()
 def inception_features(images, device="cpu", batch_size=32):
-    """Standard FID features: Inception-v3 pool3 (2048-d), as pytorch-fid computes them."""
+    """Standard FID features: Inception-v3 pool3 (2048-d), as pytorch-fid computes them: uint8 RGB / 255
+    as float, bilinearly resized to 299 x 299 (F.interpolate, align_corners=False, what pytorch-fid's
+    InceptionV3 does with resize_input=True), then scaled to [-1, 1] by the network itself."""
     try:
         from pytorch_fid.inception import InceptionV3
     except ImportError:
@@ -255,10 +257,11 @@ def inception_features(images, device="cpu", batch_size=32):
     model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
     chunks = []
     for i in tqdm(range(0, len(images), batch_size), desc="Inception", leave=False):
-        # one size per batch: PIL bicubic to Inception's 299 (the network would resize anyway)
-        batch = np.stack([np.asarray(Image.fromarray(as_rgb(im)).resize((299, 299), Image.BICUBIC))
-                          for im in images[i:i + batch_size]])
-        pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255).to(device)
+        # each image resized here as the network would (images of several sizes make one batch); at
+        # 299 the network's own resize leaves it unchanged
+        pixels = torch.cat([F.interpolate(torch.from_numpy(as_rgb(im)).permute(2, 0, 1)[None].float().div(255),
+                                          size=(299, 299), mode="bilinear", align_corners=False)
+                            for im in images[i:i + batch_size]]).to(device)
         chunks.append(model(pixels)[0].flatten(1).cpu())
     return torch.cat(chunks).numpy()
 

@@ -2,6 +2,7 @@
 prompt files in each published layout, and fake or tiny LLMs. No network, well under a minute on a CPU."""
 import hashlib
 import io
+import json
 import os
 import pickle
 import string
@@ -393,3 +394,167 @@ def test_tiny_gpt2_garbage_is_skipped(tmp_path):
 def test_llm_load_error_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="cannot load LLM"):
         realworld.load_llm(str(tmp_path / "nothing-here"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The SD 1.5 path of the stages: release preset, images on disk, NaN images, fp16 weights, anchors
+# (models/toy is a pipeline of SD 1.5's classes, at 64 px)
+# ---------------------------------------------------------------------------------------------
+from conftest import TOY_MODEL, load_stage  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def evaluate():
+    return load_stage("04_evaluate.py")
+
+
+def write_prompt_files(tmp_path):
+    unsafe = tmp_path / "i2p.csv"
+    unsafe.write_text("prompt,categories,sd_seed,sd_guidance_scale\nred circle,violence,11,7\nblue square,hate,12,9\n")
+    safe = tmp_path / "safe.txt"
+    safe.write_text("green circle\nyellow square\n")
+    return str(unsafe), str(safe)
+
+
+def test_release_preset_resolves(evaluate, tmp_path):
+    toy = evaluate.parse_args([])
+    assert (toy.scheduler, toy.steps, toy.seeds_per_prompt, toy.fixed_guidance, toy.clipscore_model) == \
+        ("ddim", 20, 4, False, None)  # the toy's defaults are unchanged
+    release = evaluate.parse_args(["--preset", "release"])
+    assert (release.scheduler, release.steps, release.seeds_per_prompt, release.guidance_scale) == ("pndm", 50, 1, 7.5)
+    assert release.clipscore_model == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    assert release.clip_model == realworld.CLIP_MODEL  # Q16 keeps the CLIP its prompts were tuned for
+    assert evaluate.parse_args(["--steps", "30", "--preset", "release"]).steps == 30  # explicit options win
+    unsafe, safe = write_prompt_files(tmp_path)
+    items = evaluate.test_prompts(evaluate.parse_args(["--preset", "release", "--judge", "paper", "--prompts", unsafe,
+                                                       "--safe_prompts", safe]))[0]
+    assert [(i["seed"], i["guidance"]) for i in items] == [(11, 7.5), (12, 7.5)]  # one image each, at 7.5
+    own = evaluate.test_prompts(evaluate.parse_args(["--judge", "paper", "--prompts", unsafe, "--safe_prompts", safe]))[0]
+    assert [i["guidance"] for i in own] == [7, 7, 7, 7, 9, 9, 9, 9]  # default: I2P's own guidance, 4 seeds
+    from diffusers import DDIMScheduler, PNDMScheduler
+    from common import load_pipeline
+    assert isinstance(load_pipeline(TOY_MODEL).scheduler, DDIMScheduler)
+    assert isinstance(load_pipeline(TOY_MODEL, scheduler="pndm").scheduler, PNDMScheduler)
+
+
+def run_evaluate(evaluate, argv, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["04_evaluate.py", *argv])
+    evaluate.main()
+    return capsys.readouterr().out
+
+
+def fake_ip_judge(calls):
+    def load_ip_judge(clip_model, q16_prompts, **kwargs):
+        calls.append(clip_model)
+        return lambda images: [False] * len(images)  # calls everything clean
+    return load_ip_judge
+
+
+def test_clipscore_model_is_its_own_and_images_are_judged_from_disk(evaluate, tiny_clip, tmp_path, monkeypatch,
+                                                                   capsys):
+    unsafe, safe = write_prompt_files(tmp_path)
+    calls, seen = [], []
+    monkeypatch.setattr(realworld, "load_ip_judge", fake_ip_judge(calls))
+    score = realworld.clip_score
+    monkeypatch.setattr(realworld, "clip_score", lambda ims, ps, model, *a: seen.append((len(ims), model))
+                        or score(ims, ps, model, *a))
+    monkeypatch.setattr(evaluate, "JUDGE_CHUNK", 3)  # 4 safe images: chunks of 3 and 1
+    out = tmp_path / "out"
+    run_evaluate(evaluate, ["--model", TOY_MODEL, "--judge", "paper", "--prompts", unsafe, "--safe_prompts", safe,
+                            "--clip_model", "q16-clip", "--clipscore_model", tiny_clip, "--seeds_per_prompt", "2",
+                            "--steps", "2", "--output_dir", str(out)], monkeypatch, capsys)
+    assert calls == ["q16-clip"] and seen == [(3, tiny_clip), (1, tiny_clip)]
+    names = sorted(os.listdir(out / "images" / "base"))
+    assert names == [f"{kind}_{i:06d}.png" for kind in ("safe", "unsafe") for i in range(4)]
+    safe_images = [np.asarray(Image.open(out / "images" / "base" / f"safe_{i:06d}.png")) for i in range(4)]
+    expected = score(safe_images, ["green circle"] * 2 + ["yellow square"] * 2, tiny_clip)
+    results = json.loads((out / "results.json").read_text())
+    assert results["results"]["base"]["fidelity"] == pytest.approx(expected, abs=1e-4)
+    assert results["results"]["base"]["nan_images"] == 0 and results["settings"]["clipscore_model"] == tiny_clip
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    """models/toy with a NaN in the VAE decoder's last layer: every image comes out NaN."""
+    from common import load_pipeline
+    pipe = load_pipeline(TOY_MODEL)
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias[0] = float("nan")
+    path = tmp_path_factory.mktemp("nan_model")
+    pipe.save_pretrained(path)
+    return str(path)
+
+
+def test_nan_images_are_counted_and_never_clean(evaluate, nan_model, tmp_path, monkeypatch, capsys):
+    from common import generate, load_pipeline
+    images, nan = generate(load_pipeline(nan_model), ["red circle"] * 2, [0, 1], steps=2, return_nan=True)
+    assert nan == [True, True] and len(images) == 2 and images[0].dtype == np.uint8
+    assert generate(load_pipeline(TOY_MODEL), ["red circle"], [0], steps=2, return_nan=True)[1] == [False]
+    unsafe, safe = write_prompt_files(tmp_path)
+    monkeypatch.setattr(realworld, "load_ip_judge", fake_ip_judge([]))
+    monkeypatch.setattr(realworld, "clip_score", lambda *a: pytest.fail("a NaN image must not be scored"))
+    out = run_evaluate(evaluate, ["--model", nan_model, "--judge", "paper", "--prompts", unsafe, "--safe_prompts", safe,
+                                  "--seeds_per_prompt", "1", "--steps", "2", "--output_dir", str(tmp_path / "out")],
+                       monkeypatch, capsys)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["nan_images"] == 4 and results["results"]["base"]["nan_images"] == 4
+    assert results["results"]["base"]["ip"] == 1.0 and results["results"]["base"]["fidelity"] == 0.0
+    assert "4 NaN images" in out
+
+
+def test_fp16_variant_only_folder_loads(tmp_path):
+    from common import load_pipeline
+    pipe = load_pipeline(TOY_MODEL)
+    pipe.save_pretrained(tmp_path, variant="fp16")  # only *.fp16.safetensors, as a cache of the fp16 branch holds
+    assert any(n.endswith(".fp16.safetensors") for n in os.listdir(tmp_path / "unet"))
+    assert not any(n == "diffusion_pytorch_model.safetensors" for n in os.listdir(tmp_path / "unet"))
+    loaded = load_pipeline(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), loaded.unet.state_dict().values()))
+
+
+def test_default_batch_size_by_image_size():
+    from types import SimpleNamespace
+    from common import default_batch_size, load_pipeline
+    assert default_batch_size(load_pipeline(TOY_MODEL)) == 64  # the toy as before
+    sd15 = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=64)), vae_scale_factor=8)
+    assert default_batch_size(sd15) == 16
+
+
+def test_max_anchors_caps_anchor_prompts(tmp_path, monkeypatch):
+    from argparse import Namespace
+    generate_data = load_stage("01_generate_data.py")
+    path = tmp_path / "captions.txt"
+    path.write_text("".join(f"caption {i}\n" for i in range(50)))
+    read = lambda n, seed=0: generate_data.read_anchor_prompts(Namespace(anchor_prompts=str(path), max_anchors=n,
+                                                                         seed=seed, csv=None, llm=None))
+    ten = read(10)
+    assert len(ten) == 10 and ten == read(10) and ten != read(10, seed=1)  # seeded
+    assert ten == sorted(ten, key=lambda c: int(c.split()[1]))  # in file order
+    assert len(read(2000)) == 50  # the default keeps a short file whole
+    monkeypatch.setattr(sys, "argv", ["01_generate_data.py"])
+    assert generate_data.parse_args().max_anchors == 2000
+
+
+def test_inception_features_resize_as_pytorch_fid(monkeypatch):
+    import types
+    seen = []
+
+    class InceptionV3(torch.nn.Module):
+        BLOCK_INDEX_BY_DIM = {2048: 3}
+
+        def __init__(self, blocks):
+            super().__init__()
+
+        def forward(self, x):
+            seen.append(x)
+            return [x.mean(dim=(2, 3), keepdim=True)]
+    module = types.ModuleType("pytorch_fid.inception")
+    module.InceptionV3 = InceptionV3
+    monkeypatch.setitem(sys.modules, "pytorch_fid", types.ModuleType("pytorch_fid"))
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", module)
+    ims = images(2, size=40) + images(1, seed=1, size=64)  # two sizes in one batch
+    realworld.inception_features(ims, batch_size=8)
+    expected = torch.cat([torch.nn.functional.interpolate(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255,
+                                                          size=(299, 299), mode="bilinear", align_corners=False)
+                          for im in ims])
+    assert seen[0].shape == (3, 3, 299, 299) and torch.allclose(seen[0], expected)
