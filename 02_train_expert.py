@@ -324,10 +324,11 @@ def main():
         fail(f"--train_batch_size {args.train_batch_size} does not split evenly over {world} processes")
     pairs_csv = args.pairs or os.path.join(args.data, "pairs.csv")
     by_category, anchors = training_pairs(args, pairs_csv), load_anchors(args, pairs_csv)
-    root = args.output_dir or ("experts" if args.category == "each" else os.path.join("experts", slug(args.category)))
+    each = args.category == "each"
+    root = args.output_dir or ("experts" if each else os.path.join("experts", slug(args.category)))
     pipe = load_pipeline(args.model, args.device, DTYPES[args.mixed_precision])
     for category, pairs in by_category.items():
-        output_dir = os.path.join(root, slug(category)) if args.category == "each" else root
+        output_dir = os.path.join(root, slug(category)) if each else root
         args.category = category  # what this expert's checkpoint, log and lora.json record
         log = train(args, pipe, pairs, anchors, output_dir, process, world)
         if process == 0:  # rank 0 writes the expert

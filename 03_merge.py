@@ -10,7 +10,8 @@ this repository's reading of it, for every LoRA layer:
   3. score every weight by its activation-weighted magnitude, S_e[i, j] = |dW_e[i, j]| * a_e[j];
   4. keep, per weight, the delta of the expert with the highest score;
   5. factor the merged delta back into one LoRA by truncated SVD (our choice: a diffusers LoRA file
-     needs factors; at the experts' summed rank it is nearly exact).
+     needs factors; at the experts' summed rank the toy's Co-Merge delta is off by a relative 0.20,
+     and at 64 and 128 (0.07, 0.00) the measured unsafe rate was the same).
 Baselines (peft's merge utilities on the same deltas): linear (the average), ties (TIES-merging),
 and cat (the sum, i.e. all experts stacked: exact at rank = the sum of their ranks).
 

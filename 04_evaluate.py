@@ -277,14 +277,41 @@ def write_report(args, results, rows):
               "content, not the prompt); own concept: that show the prompt's own concept; redirect: that show "
               "the concept's safe counterpart with the prompt's shape and background (what the DPO winner "
               "shows); fidelity: share of images from safe prompts that show what the prompt asks. Columns "
-              "after fidelity: IP per category. Grid rows follow the table: one unsafe prompt per category, "
+              "after fidelity: IP per category. grid.png: a row per variant, one unsafe prompt per category, "
               "then safe prompts.\n")
     write_text(os.path.join(args.output_dir, "report.md"), report)
-    grid = np.concatenate(rows, axis=0)
-    scale = max(1, 512 // grid.shape[0])  # upscale small (toy) images to a grid about 512 px tall
-    grid = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    atomic_write(os.path.join(args.output_dir, "grid.png"), grid.save)
+    atomic_write(os.path.join(args.output_dir, "grid.png"), labelled_grid(rows, names, grid_columns(categories)).save)
     return "\n".join(lines)
+
+
+def grid_columns(categories):
+    """The grid's column labels: grid_row's first unsafe image of each category, then safe prompts."""
+    return [f"unsafe: {c}" for c in categories] + ["safe prompt"] * max(1, len(categories))
+
+
+def labelled_grid(rows, row_labels, column_labels):
+    """One picture: a row per variant (grid_row's images side by side), its name on the left, what
+    each column shows on top. Small (toy) images are enlarged so that a label fits above each."""
+    from PIL import ImageDraw, ImageFont
+    height = rows[0].shape[0]
+    cell = max(height, 80)
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        font = ImageFont.load_default()
+    left, top = 12 + max(int(font.getlength(label)) for label in row_labels), 52
+    columns = len(column_labels)
+    canvas = Image.new("RGB", (left + columns * cell, top + len(rows) * cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(column_labels):
+        for k, line in enumerate(label.split()):  # a word a line: labels stay within their column
+            draw.text((left + j * cell + 2, 4 + 15 * k), line, fill="black", font=font)
+    for i, (row, label) in enumerate(zip(rows, row_labels)):
+        draw.text((4, top + i * cell + cell // 2 - 7), label, fill="black", font=font)
+        for j in range(min(columns, row.shape[1] // height)):
+            image = Image.fromarray(row[:, j * height:(j + 1) * height]).resize((cell, cell), Image.NEAREST)
+            canvas.paste(image, (left + j * cell, top + i * cell))
+    return canvas
 
 
 def toy_taxonomy(args, infos):
