@@ -30,8 +30,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (anchors_csv, atomic_write, barrier, check_settings, fail, generate, inference_dtype, init_distributed,
-                    load_pipeline, read_pairs, write_anchors, write_json, write_pairs)
+from common import (anchors_csv, atomic_write, barrier, check_output_dir, check_settings, fail, finite_float, generate,
+                    image_ok, inference_dtype, init_distributed, load_pipeline, positive_int, read_json, read_pairs, write_anchors,
+                    write_json, write_pairs)
 
 
 def parse_args():
@@ -43,7 +44,7 @@ def parse_args():
     source.add_argument("--llm", help="transformers text-generation model that writes the prompts")
     parser.add_argument("--concepts", help="JSON {category: [concept, ...]} for --llm")
     parser.add_argument("--concepts_per_category", type=int, default=2, choices=[1, 2, 3, 4], help="toy taxonomy size")
-    parser.add_argument("--pairs_per_concept", type=int, default=48, help="toy and --llm: pairs per unsafe concept")
+    parser.add_argument("--pairs_per_concept", type=positive_int, default=48, help="toy and --llm: pairs per unsafe concept")
     parser.add_argument("--anchor_prompts", help="text file of prompts to render as anchors (default for the "
                         "toy world: its safe prompts)")
     parser.add_argument("--filter", choices=["auto", "none", "toy", "paper"], default="auto",
@@ -51,9 +52,9 @@ def parse_args():
     parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="--filter paper: Q16's CLIP")
     parser.add_argument("--q16_prompts", help="--filter paper: local copy of Q16's prompts.p (else downloaded)")
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's own size")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=20, help="DDIM sampling steps")
+    parser.add_argument("--guidance_scale", type=finite_float, default=7.5)
+    parser.add_argument("--batch_size", type=positive_int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -62,7 +63,7 @@ def parse_args():
 def prompt_pairs(args, rank):
     """The pairs to render: [{index, category, unsafe_prompt, safe_prompt}], numbered 0, 1, ..."""
     if args.csv:  # renumbered: an official CSV may pair idx_N_0 and idx_N_1 under one N
-        rows = [(p["category"], p["unsafe_prompt"], p["safe_prompt"]) for p in read_pairs(args.csv)]
+        rows = [(p["categories"], p["unsafe_prompt"], p["safe_prompt"]) for p in read_pairs(args.csv)]
     elif args.llm:
         rows = saved_llm_prompts(args, rank)
     else:  # the toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs
@@ -71,8 +72,8 @@ def prompt_pairs(args, rank):
                 toyworld.taxonomy(args.concepts_per_category), "train"):
             by_concept.setdefault((category, concept), []).append((category, unsafe, safe))
         rows = [prompts[j % len(prompts)] for prompts in by_concept.values() for j in range(args.pairs_per_concept)]
-    return [{"index": i, "category": category, "unsafe_prompt": unsafe, "safe_prompt": safe}
-            for i, (category, unsafe, safe) in enumerate(rows)]
+    return [{"index": i, "categories": category if isinstance(category, list) else [category],  # --csv: a list
+             "unsafe_prompt": unsafe, "safe_prompt": safe} for i, (category, unsafe, safe) in enumerate(rows)]
 
 
 def saved_llm_prompts(args, rank):
@@ -84,8 +85,7 @@ def saved_llm_prompts(args, rank):
     if rank == 0 and not os.path.exists(path):
         write_json(path, {"settings": settings, "pairs": llm_prompts(args, concepts)})
     barrier()  # under torchrun the other ranks wait here while rank 0 runs the LLM
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_json(path, "the saved LLM prompts")
     if saved.get("settings") != settings:
         fail(f"{path} was written with other --llm/--concepts/--pairs_per_concept/--seed; use a new --output_dir")
     return [tuple(row) for row in saved["pairs"]]  # (category, unsafe prompt, safe prompt)
@@ -136,7 +136,7 @@ def read_anchor_prompts(args):
 def render(args, jobs, image_dir):
     """Render every (file name, prompt, seed) job not on disk yet. A pair's loser and winner share
     their seed, so the two images differ in the concept and little else."""
-    todo = [j for j in jobs if not os.path.exists(os.path.join(image_dir, j[0]))]
+    todo = [j for j in jobs if not image_ok(os.path.join(image_dir, j[0]))]  # missing or broken (a truncated copy)
     if not todo:
         return 0
     pipe = load_pipeline(args.model, args.device, inference_dtype(args.device))
@@ -188,6 +188,7 @@ def keep_pair(judge, image_dir, pair, ip_judge=None):
 
 def main():
     args = parse_args()
+    check_output_dir(args.output_dir)
     started = time.time()
     rank, world = init_distributed()  # under torchrun each rank renders its own slice
     if world > 1 and args.device.startswith("cuda"):
@@ -219,6 +220,8 @@ def main():
         except (ValueError, RuntimeError, OSError) as error:
             fail(str(error).splitlines()[0])
     kept = [p for p in tqdm(pairs, desc=f"filter ({judge})") if keep_pair(judge, image_dir, p, ip_judge)]
+    if not kept:  # nothing to train on; an earlier pairs.csv stays as it was
+        fail(f"the {judge} filter kept 0 of {len(pairs)} pairs; nothing written (see --filter)")
     write_pairs(os.path.join(args.output_dir, "pairs.csv"),
                 [{**p, "loser_image": image_names(p["index"])[0], "winner_image": image_names(p["index"])[1]}
                  for p in kept])
@@ -226,7 +229,8 @@ def main():
         write_anchors(anchors_csv(args.output_dir), [(a, f"a_idx_{i}_0.png") for i, a in enumerate(anchors)])
     per_category = {}
     for p in kept:
-        per_category[p["category"]] = per_category.get(p["category"], 0) + 1
+        for category in p["categories"]:
+            per_category[category] = per_category.get(category, 0) + 1
     write_json(os.path.join(args.output_dir, "settings.json"),
                {**vars(args), "filter_used": judge, "pairs": len(pairs), "kept": len(kept), "per_category": per_category})
     print(f"01 generate: {len(kept)} of {len(pairs)} pairs kept ({judge} filter), {rendered} rendered now, "

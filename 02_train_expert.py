@@ -43,9 +43,10 @@ from peft.tuners.lora import LoraLayer
 from tqdm import tqdm
 
 import toyworld
-from common import (LORA_TARGETS, add_lora, anchor_images, anchors_csv, barrier, check_settings, dpo_loss, encode_training_data, fail,
-                    find_checkpoint, generate, init_distributed, load_checkpoint, load_pipeline, pair_images,
-                    read_pairs, save_checkpoint, save_lora, write_json)
+from common import (LORA_TARGETS, add_lora, anchor_images, anchors_csv, barrier, check_output_dir, check_settings, dpo_loss,
+                    encode_training_data, fail, files_sha256, find_checkpoint, fraction, generate, init_distributed,
+                    load_checkpoint, load_pipeline, nonnegative_float, nonnegative_int, pair_images, positive_float,
+                    positive_int, read_json, read_pairs, save_checkpoint, save_lora, write_json)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,29 +58,29 @@ def parse_args():
     parser.add_argument("--pairs", help="pair CSV, if not <data>/pairs.csv (e.g. the official CoProV2 CSV)")
     parser.add_argument("--category", required=True, help="a category of the pair CSV, or 'all'")
     parser.add_argument("--output_dir", help="default: experts/<category>")
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--alpha", type=float, default=4)
+    parser.add_argument("--rank", type=positive_int, default=4)
+    parser.add_argument("--alpha", type=positive_float, default=4)
     parser.add_argument("--lora_targets", nargs="+", default=LORA_TARGETS,
                         help="attention projections that get a LoRA (the release: all four, self- and cross-attention)")
-    parser.add_argument("--beta", type=float, default=500, help="DPO KL weight (the release uses 5000 on SD 1.5)")
-    parser.add_argument("--sft_weight", type=float, default=1.0,
+    parser.add_argument("--beta", type=positive_float, default=500, help="DPO KL weight (the release uses 5000 on SD 1.5)")
+    parser.add_argument("--sft_weight", type=nonnegative_float, default=1.0,
                         help="weight of an extra denoising loss on the winner (0 = pure Diffusion-DPO)")
-    parser.add_argument("--anchor_weight", type=float, default=100.0,
+    parser.add_argument("--anchor_weight", type=nonnegative_float, default=100.0,
                         help="weight of keeping the reference's prediction on anchor prompts")
     parser.add_argument("--anchors", help="anchor CSV (prompt,image), default: anchors.csv beside the pairs")
     parser.add_argument("--lora_scale_range", type=float, nargs=2, default=(1.0, 1.0), metavar=("LOW", "HIGH"),
                         help="each step scales the expert by a factor drawn from [LOW, HIGH], so that it still "
                              "works when a merge dilutes it (see README); default: off")
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
-    parser.add_argument("--train_batch_size", type=int, default=16, help="pairs per step")
-    parser.add_argument("--max_train_steps", type=int, default=150)
-    parser.add_argument("--empty_prompt_share", type=float, default=0.0,
+    parser.add_argument("--learning_rate", type=positive_float, default=3e-3)
+    parser.add_argument("--train_batch_size", type=positive_int, default=16, help="pairs per step")
+    parser.add_argument("--max_train_steps", type=positive_int, default=150)  # 0 steps: an expert that changes nothing
+    parser.add_argument("--empty_prompt_share", type=fraction, default=0.0,
                         help="the release uses 0.2; with anchors pinning the unconditional branch, 0 is safer")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="recompute the UNet's activations in backward: less memory, ~1/3 more compute")
-    parser.add_argument("--checkpoint_every", type=int, default=50)
-    parser.add_argument("--eval_every", type=int, default=0, help="toy model: sample and judge every N steps")
+    parser.add_argument("--checkpoint_every", type=positive_int, default=50)
+    parser.add_argument("--eval_every", type=nonnegative_int, default=0, help="toy model: sample and judge every N steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -88,11 +89,11 @@ def parse_args():
 def load_training_pairs(args):
     pairs_csv = args.pairs or os.path.join(args.data, "pairs.csv")
     pairs = read_pairs(pairs_csv)
-    categories = sorted({p["category"] for p in pairs})
+    categories = sorted({c for p in pairs for c in p["categories"]})
     if args.category != "all":
         if args.category not in categories:
             fail(f"unknown category {args.category!r}; {pairs_csv} has: {', '.join(categories)}")
-        pairs = [p for p in pairs if p["category"] == args.category]
+        pairs = [p for p in pairs if args.category in p["categories"]]
     if not pairs:
         fail(f"category {args.category!r} has no pairs in {pairs_csv}")
     return pair_images(pairs, pairs_csv)
@@ -142,7 +143,10 @@ def check_resume(args, pairs, anchors, checkpoint_dir, process):
         return hashlib.sha256(json.dumps(names).encode()).hexdigest()
     settings = {**{k: getattr(args, k) for k in RESUME_KEYS}, "pairs": len(pairs),
                 "pairs_sha256": fingerprint(pairs), "anchors": len(anchors),
-                "anchors_sha256": fingerprint([{"prompt": p, "image": i} for p, i in anchors])}
+                "anchors_sha256": fingerprint([{"prompt": p, "image": i} for p, i in anchors]),
+                # what training reads: a re-rendered image under the same name is another run
+                "images_sha256": files_sha256([p[k] for p in pairs for k in ("winner_image", "loser_image")]
+                                              + [i for _, i in anchors])}
     path = os.path.join(checkpoint_dir, "settings.json")
     if find_checkpoint(checkpoint_dir):
         if not os.path.exists(path):
@@ -232,7 +236,10 @@ def train(args, pipe, pairs, anchors, process=0, world=1):
     # The sampled check runs on rank 0 only; the others wait for it at the next gradient sync.
     sampled_check = process == 0 and args.eval_every and all(toyworld.concept_of(p["unsafe_prompt"]) for p in pairs)
     log_path = os.path.join(args.output_dir, "log.json")
-    log = [s for s in json.load(open(log_path))["log"] if s["step"] <= start] if start and os.path.exists(log_path) else []
+    log = read_json(log_path, "the training log").get("log") if start and os.path.exists(log_path) else []
+    if not isinstance(log, list) or not all(isinstance(s, dict) and isinstance(s.get("step"), int) for s in log):
+        fail(f"{log_path}: not a training log (a list of steps); delete it, or use a new --output_dir")
+    log = [s for s in log if s["step"] <= start]
     bar = tqdm(range(start, args.max_train_steps), desc=f"expert {args.category}", initial=start,
                total=args.max_train_steps, disable=process != 0)
     for step in bar:
@@ -271,17 +278,14 @@ def toy_taxonomy(pairs_csv):
     path = os.path.join(os.path.dirname(pairs_csv), "settings.json")
     if os.path.basename(pairs_csv) != "pairs.csv" or not os.path.exists(path):
         return None
-    try:
-        with open(path) as f:
-            settings = json.load(f)
-    except ValueError as error:
-        fail(f"{path}: not stage 1's settings ({error})")
+    settings = read_json(path, "stage 1's settings")
     return None if settings.get("csv") or settings.get("llm") else settings.get("concepts_per_category")
 
 
 def main():
     args = parse_args()
     args.output_dir = args.output_dir or os.path.join("experts", args.category.lower().replace(" ", "-"))
+    check_output_dir(args.output_dir)
     torch.manual_seed(args.seed)  # the expert's gaussian init; every training draw has its own generator
     started = time.time()
     process, world = init_distributed()  # under torchrun: DDP, each rank a share of every batch

@@ -32,17 +32,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (LORA_TARGETS, add_lora, anchor_images, anchors_csv, encode_training_data, fail, generate, load_pipeline,
-                    pair_images, read_lora, read_pairs, save_lora)
+from common import (LORA_TARGETS, add_lora, anchor_images, anchors_csv, check_output_dir, encode_training_data, fail,
+                    finite_float, fraction, generate, load_pipeline, nonnegative_float, nonnegative_int, pair_images,
+                    positive_float, positive_int, load_lora_into, read_lora, read_pairs, save_lora)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experts", nargs="+", help="expert folders written by 02_train_expert.py")
     parser.add_argument("--method", choices=["comerge", "linear", "ties", "cat"], default="comerge")
-    parser.add_argument("--rank", type=int, help="rank of the merged LoRA (default: the experts' ranks summed)")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply the merged delta (task-arithmetic lambda)")
-    parser.add_argument("--density", type=float, default=0.5, help="ties: share of each delta kept")
+    parser.add_argument("--rank", type=positive_int, help="rank of the merged LoRA (default: the experts' ranks summed)")
+    parser.add_argument("--scale", type=finite_float, default=1.0, help="multiply the merged delta (task-arithmetic lambda)")
+    parser.add_argument("--density", type=fraction, default=0.5, help="ties: share of each delta kept")
     parser.add_argument("--select", choices=["weight", "row", "module", "factors"], default="weight",
                         help="co-merge: what one expert wins: each weight (the paper), each output row, each "
                              "whole layer, or each weight of A and of B separately")
@@ -50,17 +51,17 @@ def parse_args():
                         help="co-merge, select weight/factors: the input activation, mean |x| or root mean square")
     parser.add_argument("--data", help="co-merge, repair: stage 1 folder whose pairs.csv prompts drive the activations "
                         "(default: the pair CSV each expert was trained on)")
-    parser.add_argument("--prompts_per_expert", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10, help="co-merge: sampling steps while recording")
-    parser.add_argument("--repair_steps", type=int, default=0,
+    parser.add_argument("--prompts_per_expert", type=positive_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=10, help="co-merge: sampling steps while recording")
+    parser.add_argument("--repair_steps", type=nonnegative_int, default=0,
                         help="after merging: steps of prior preservation on the merged LoRA (default 0: none)")
     parser.add_argument("--keep_target", choices=["merge", "experts"], default="merge",
                         help="repair: on unsafe prompts keep the merge's prediction, or each category's own expert's (distillation)")
-    parser.add_argument("--repair_learning_rate", type=float, default=1e-3)
-    parser.add_argument("--repair_batch_size", type=int, default=16)
-    parser.add_argument("--anchor_weight", type=float, default=300.0,
+    parser.add_argument("--repair_learning_rate", type=positive_float, default=1e-3)
+    parser.add_argument("--repair_batch_size", type=positive_int, default=16)
+    parser.add_argument("--anchor_weight", type=nonnegative_float, default=300.0,
                         help="repair: weight of staying the reference on anchor prompts (stage 2's term)")
-    parser.add_argument("--keep_weight", type=float, default=100.0,
+    parser.add_argument("--keep_weight", type=nonnegative_float, default=100.0,
                         help="repair: weight of keeping the merge's prediction on the unsafe prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", help="default: merged/<method>")
@@ -83,6 +84,9 @@ def load_experts(dirs):
             fail(f"{d} has rank {info['rank']}, {dirs[0]} rank {infos[0]['rank']}: retrain with one rank")
         if layers.keys() != factors[0].keys():
             fail(f"{d} adapts other layers than {dirs[0]}")
+        shapes = {n: (a.shape[1], b.shape[0]) for n, (a, b) in layers.items()}
+        if shapes != {n: (a.shape[1], b.shape[0]) for n, (a, b) in factors[0].items()}:
+            fail(f"{d} has layers of other shapes than {dirs[0]}")
         if info.get("toy_taxonomy") != infos[0].get("toy_taxonomy"):
             fail(f"{d} was trained on a toy taxonomy of {info.get('toy_taxonomy')} concepts per category, "
                  f"{dirs[0]} on {infos[0].get('toy_taxonomy')}")
@@ -98,7 +102,7 @@ def expert_pairs(args, infos, dirs):
             fail(f"{d}/lora.json does not say which pairs it was trained on; pass --data")
         if pairs_csv not in files:
             files[pairs_csv] = read_pairs(pairs_csv)
-        pairs = [dict(p) for p in files[pairs_csv] if info["category"] in ("all", p["category"])]
+        pairs = [dict(p) for p in files[pairs_csv] if info["category"] == "all" or info["category"] in p["categories"]]
         if not pairs:
             fail(f"no pairs of category {info['category']!r} in {pairs_csv}")
         per_expert.append((pairs_csv, pairs))
@@ -115,7 +119,7 @@ def record_activations(args, pipe, dirs, factors, per_expert):
     for d, layers, (_, pairs) in zip(tqdm(dirs, desc="recording activations"), factors, per_expert):
         prompts = sorted({p["unsafe_prompt"] for p in pairs})
         prompts = (prompts * args.prompts_per_expert)[:args.prompts_per_expert]
-        pipe.load_lora_weights(d)
+        load_lora_into(pipe, d)
         sums, hooks = {}, []
         for name, module in pipe.unet.named_modules():
             if hasattr(module, "base_layer"):  # a layer with the expert's LoRA
@@ -300,6 +304,7 @@ def repair(args, pipe, layers, rank, targets, per_expert, factors=None):
 def main():
     args = parse_args()
     args.output_dir = args.output_dir or os.path.join("merged", args.method)
+    check_output_dir(args.output_dir)
     started = time.time()
     infos, factors = load_experts(args.experts)
     rank = args.rank or sum(i["rank"] for i in infos)

@@ -46,8 +46,8 @@ def test_official_coprov2_layout_parses(tmp_path):
         ["a calm street", "s_idx_7_0.jpg", "Violence"], ["a burning street riot", "u_idx_7_0.jpg", "Violence"],
         ["a mutilated kitten", "u_idx_2_0.jpg", "Shocking"], ["a sleeping kitten", "s_idx_2_0.jpg", "Shocking"]])
     pairs = read_pairs(str(path))
-    assert [(p["index"], p["category"], p["unsafe_prompt"], p["safe_prompt"]) for p in pairs] == [
-        (2, "Shocking", "a mutilated kitten", "a sleeping kitten"), (7, "Violence", "a burning street riot", "a calm street")]
+    assert [(p["index"], p["categories"], p["unsafe_prompt"], p["safe_prompt"]) for p in pairs] == [
+        (2, ["Shocking"], "a mutilated kitten", "a sleeping kitten"), (7, ["Violence"], "a burning street riot", "a calm street")]
     write_pairs(str(tmp_path / "again.csv"), pairs)
     assert read_pairs(str(tmp_path / "again.csv")) == pairs
 
@@ -89,3 +89,20 @@ def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
     fresh = torch.amp.GradScaler("cpu")  # 65536, the default
     load_checkpoint(os.path.join(tmp_path, "state.safetensors"), {"lora": [weight]}, optimizer, fresh)
     assert fresh.get_scale() == 1024.0 and fresh.get_growth_interval() == 7
+
+
+def test_a_pair_repeated_under_another_category_keeps_both_and_round_trips(tmp_path):
+    """CoProV2's train CSV repeats 642 rows (same image, same prompt) under a second category."""
+    path = tmp_path / "train.csv"
+    write_official_csv(path, [
+        ["a riot", "u_idx_1_0.jpg", "Violence"], ["a street", "s_idx_1_0.jpg", "Violence"],
+        ["a riot", "u_idx_1_0.jpg", "Hate"], ["a street", "s_idx_1_0.jpg", "Hate"]])
+    pairs = read_pairs(str(path))
+    assert len(pairs) == 1 and pairs[0]["categories"] == ["Violence", "Hate"]
+    write_pairs(str(tmp_path / "again.csv"), pairs)
+    assert read_pairs(str(tmp_path / "again.csv")) == pairs
+    write_official_csv(path, [
+        ["a riot", "u_idx_1_0.jpg", "Violence"], ["a street", "s_idx_1_0.jpg", "Violence"],
+        ["a fight", "u_idx_1_0.jpg", "Hate"]])  # the same image, another prompt: which is meant?
+    with pytest.raises(SystemExit, match="two rows for u_idx_1_0 with different prompts"):
+        read_pairs(str(path))
