@@ -15,6 +15,8 @@ from datetime import timedelta
 
 # Before diffusers/transformers are imported: their import-time notes (e.g. "requires torchvision")
 # are not the user's concern; errors still show. A user's own setting wins.
+if "TRANSFORMERS_VERBOSITY" not in os.environ and "transformers" in sys.modules:  # imported first (peft does)
+    sys.modules["transformers"].utils.logging.set_verbosity_error()
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
