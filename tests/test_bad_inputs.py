@@ -269,18 +269,20 @@ def test_a_truncated_rendered_image_is_rendered_again(tiny, toy_model, tmp_path)
     assert (case.data / "pairs.csv").read_bytes() == pairs
 
 
-def test_a_corrupt_cached_variant_is_rendered_again(tiny, toy_model, tmp_path):
-    case = Case(tiny, tmp_path, toy_model)
-    command = case.evaluate("--seeds_per_prompt", "1", "--steps", "2")
-    code, out, err = run(*command)
+def test_a_corrupt_cached_variant_is_rendered_again(toy_model, tmp_path):
+    out = tmp_path / "results"
+    command = ["04_evaluate.py", "--model", toy_model, "--concepts_per_category", "1", "--seeds_per_prompt", "1",
+               "--steps", "1", "--output_dir", out]
+    code, _, err = run(*command)
     assert code == 0, err[-2000:]
-    first = json.loads((tmp_path / "results" / "results.json").read_text())["results"]
-    (tmp_path / "results" / "variants" / "v.json").write_text("{not json")
-    case.truncate(tmp_path / "results" / "variants" / "base.png")
-    code, out, err = run(*command)
-    assert code == 0 and "Traceback" not in err, err[-2000:]
-    assert "(from an earlier run)" not in out  # both damaged entries were redone
-    assert json.loads((tmp_path / "results" / "results.json").read_text())["results"] == first
+    first = json.loads((out / "results.json").read_text())["results"]
+    for damage in (lambda: (out / "variants" / "base.json").write_text("{not json"),
+                   lambda: (out / "variants" / "base.png").write_bytes((out / "variants" / "base.png").read_bytes()[:40])):
+        damage()
+        code, stdout, err = run(*command)
+        assert code == 0 and "Traceback" not in err, err[-2000:]
+        assert "(from an earlier run)" not in stdout  # redone, not trusted
+        assert json.loads((out / "results.json").read_text())["results"] == first
 
 
 def test_a_lora_is_known_by_its_tensors_not_its_file_bytes(tiny, tmp_path):
