@@ -124,9 +124,9 @@ def read_anchor_prompts(args):
     seeds (the expert sees the model's variety, not one picture per prompt)."""
     if args.anchor_prompts:
         try:
-            with open(args.anchor_prompts) as f:
+            with open(args.anchor_prompts, encoding="utf-8") as f:
                 return [line.strip() for line in f if line.strip()]
-        except OSError as error:
+        except (OSError, ValueError) as error:  # ValueError: not UTF-8
             fail(f"--anchor_prompts: {error}")
     if args.csv or args.llm:
         return []

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -232,9 +233,9 @@ def load_pipeline(model, device="cpu", dtype=torch.float32):
     try:
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as error:  # a broken folder too
         hint = " (no such folder; a hub id needs network access or a cached copy)" if not os.path.isdir(model) else ""
-        fail(f"cannot load model {model!r}{hint}: {str(error).splitlines()[0]}")
+        fail(f"cannot load model {model!r}{hint}: {(str(error).splitlines() or [type(error).__name__])[0]}")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

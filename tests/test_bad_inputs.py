@@ -169,6 +169,11 @@ CASES = [
     ("train-output-is-file", lambda c: c.train("--output_dir", c.write("out", "x")), "is a file, not a folder"),
     ("merge-output-under-file", lambda c: c.merge("--output_dir", c.write("out", "x") / "m"), "is a file, not a folder"),
     ("eval-output-is-file", lambda c: c.evaluate("--output_dir", c.write("out", "x")), "is a file, not a folder"),
+    ("gen-anchor-prompts-not-utf8", lambda c: c.gen1("--anchor_prompts", c.write("a.txt", b"caf\xe9\n")), "--anchor_prompts"),
+    ("eval-prompt-set-not-utf8", lambda c: c.evaluate("--judge", "paper", "--prompts", c.write("p.txt", b"caf\xe9\n"),
+                                                      "--safe_prompts", c.write("s.txt", "a cat\n")), "p.txt: not UTF-8"),
+    ("train-model-folder-broken", lambda c: (c.write("model/model_index.json", "{"), c.train("--model", c.tmp / "model"))[1],
+     "cannot load model"),
     # pair and anchor CSVs
     ("pairs-not-utf8", lambda c: (c.write("data/pairs.csv", NOT_UTF8), c.train())[1], "not UTF-8"),
     ("pairs-is-folder", lambda c: ((c.data / "pairs.csv").unlink(), (c.data / "pairs.csv").mkdir(), c.train())[2],
