@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from common import (LORA_TARGETS, add_lora, anchor_images, anchors_csv, check_output_dir, encode_training_data, fail,
                     finite_float, fraction, generate, load_pipeline, nonnegative_float, nonnegative_int, pair_images,
-                    positive_float, positive_int, load_lora_into, read_lora, read_pairs, save_lora)
+                    load_lora_into, positive_float, positive_int, read_lora, read_pairs, save_lora)
 
 
 def parse_args():

@@ -160,7 +160,7 @@ def check_settings(path, settings, write=True):
     if there is no such file yet, record these (write=False: another process records them)."""
     settings = json.loads(json.dumps(settings))  # through JSON, so that it compares equal to the file
     if os.path.exists(path):
-        old = read_json(path, "the settings of the earlier run (delete the output folder to start anew)")
+        old = read_json(path, "the earlier run's settings")
         changed = [k if len(str(v)) > 60 else f"{k} {old.get(k)} -> {v}"  # long values: their name only
                    for k, v in settings.items() if old.get(k) != v]
         if changed:
