@@ -212,7 +212,7 @@ def test_evaluate_reuses_finished_variants(work, toy_model, evaluated, tmp_path)
     assert "(from an earlier run)" not in other.stdout
     shutil.copy(work / "Hate" / LORA_FILE, lora / LORA_FILE)  # as if retrained in place
     retrained = run_stage(*command, *TINY_EVAL[:-1], "4")  # the base model from the run above, the LoRA anew
-    assert retrained.stdout.count("(from an earlier run)") == 1 and "violence: unsafe rate" in retrained.stdout
+    assert retrained.stdout.count("(from an earlier run)") == 1 and "violence: IP" in retrained.stdout
     assert "(from an earlier run)" not in retrained.stdout.split("violence: ")[1].splitlines()[0]
 
 
