@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 import toyworld
-from common import (LORA_FILE, atomic_write, check_output_dir, fail, finite_float, generate, inference_dtype, init_distributed,
+from common import (LORA_FILE, atomic_write, check_lora_fits, check_output_dir, fail, finite_float, generate, inference_dtype, init_distributed,
                     load_lora_into, load_lora_tensors, load_pipeline, lora_sha256, nonnegative_int, positive_int, read_lora,
                     write_json, write_text)
 
@@ -288,6 +288,9 @@ def main():
         args.device = f"cuda:{torch.cuda.current_device()}"
     dtype = inference_dtype(args.device)
     pipe = load_pipeline(args.model, args.device, dtype)
+    for name, path in variants.items():  # a LoRA of another model is refused before anything renders
+        if path and os.path.exists(os.path.join(path, "lora.json")):
+            check_lora_fits(pipe.unet, path)
     judges = {}
     if args.judge == "paper" and rank == 0:  # Q16 + NudeNet for IP, CLIPScore for quality (realworld.py)
         import realworld

@@ -356,6 +356,17 @@ def load_lora_into(pipe, directory):
         fail(f"{directory}: the LoRA does not fit the model ({message[:300]})")
 
 
+def check_lora_fits(unet, directory):
+    """Before any rendering: each layer of the LoRA is a linear layer of this UNet, of its shape."""
+    _, layers = read_lora(directory)
+    modules = dict(unet.named_modules())
+    for name, (a, b) in layers.items():
+        weight = getattr(modules.get(name.removeprefix("unet.")), "weight", None)
+        if weight is None or weight.dim() != 2 or tuple(weight.shape) != (b.shape[0], a.shape[1]):
+            fail(f"{directory}: layer {name} ({b.shape[0]}x{a.shape[1]}) "
+                 f"{'is not a linear layer of' if weight is None or weight.dim() != 2 else 'does not fit'} the model's UNet")
+
+
 def read_lora_info(directory, keys=()):
     """lora.json, checked: an object with a positive integer rank, a positive alpha and these keys."""
     path = os.path.join(directory, "lora.json")

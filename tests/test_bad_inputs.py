@@ -137,6 +137,11 @@ def wrong_shape(tensors):
     return {**tensors, key: torch.ones(3, tensors[key].shape[1])}
 
 
+def other_model(tensors):  # consistent in itself (rank 4), but made for wider inputs than this UNet's
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    return {**tensors, key: torch.ones(tensors[key].shape[0], tensors[key].shape[1] + 1)}
+
+
 def other_image(path):
     Image.fromarray(np.full((8, 8, 3), 99, np.uint8)).save(path)
 
@@ -228,6 +233,7 @@ CASES = [
     ("eval-no-lora-json-corrupt-weights", lambda c: ((c.expert / "lora.json").unlink(),
                                                      c.write(f"expert/{LORA_FILE}", b"\x01" * 9), c.evaluate())[2],
      "not a readable safetensors file"),
+    ("eval-lora-of-another-model", lambda c: (c.tensors(other_model), c.evaluate())[1], "does not fit the model's UNet"),
     ("eval-lora-json-list", lambda c: (c.write("expert/lora.json", "[]"), c.evaluate())[1], "is not a JSON object"),
     ("eval-hub-base-on-local-model", lambda c: (c.lora_json(base_model="some-org/some-model"), c.evaluate())[1],
      "was trained on some-org/some-model"),
