@@ -61,6 +61,8 @@ fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 def check_output_dir(path, flag="--output_dir"):
     """Before any work: the output folder must be a folder (or creatable) and writable, so that a
     run does not find out only when it writes its first result."""
+    if not path:
+        fail(f"{flag} is empty")
     if os.path.exists(path) and not os.path.isdir(path):
         fail(f"{flag} {path} is a file, not a folder")
     parent = os.path.abspath(path)

@@ -106,3 +106,14 @@ def test_a_pair_repeated_under_another_category_keeps_both_and_round_trips(tmp_p
         ["a fight", "u_idx_1_0.jpg", "Hate"]])  # the same image, another prompt: which is meant?
     with pytest.raises(SystemExit, match="two rows for u_idx_1_0 with different prompts"):
         read_pairs(str(path))
+
+
+def test_number_flags_are_checked_when_parsed():
+    import argparse
+    from common import finite_float, fraction, nonnegative_int, positive_float, positive_int
+    assert positive_int("3") == 3 and nonnegative_int("0") == 0 and positive_float("1e-5") == 1e-5
+    assert finite_float("-2.5") == -2.5 and fraction("1") == 1.0
+    for parse, text in [(positive_int, "0"), (positive_int, "1.5"), (nonnegative_int, "-1"), (positive_float, "nan"),
+                        (positive_float, "0"), (finite_float, "inf"), (fraction, "1.1"), (fraction, "x")]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
