@@ -61,7 +61,7 @@ def parse_args():
 
 
 def prompt_pairs(args, rank):
-    """The pairs to render: [{index, category, unsafe_prompt, safe_prompt}], numbered 0, 1, ..."""
+    """The pairs to render: [{index, categories, unsafe_prompt, safe_prompt}], numbered 0, 1, ..."""
     if args.csv:  # renumbered: an official CSV may pair idx_N_0 and idx_N_1 under one N
         rows = [(p["categories"], p["unsafe_prompt"], p["safe_prompt"]) for p in read_pairs(args.csv)]
     elif args.llm:
