@@ -31,9 +31,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (anchors_csv, atomic_write, barrier, check_settings, default_batch_size, fail, generate,
-                    inference_dtype, init_distributed, load_pipeline, read_pairs, slice_vae, write_anchors, write_json,
-                    write_pairs)
+from common import (anchors_csv, atomic_write, barrier, check_output_dir, check_settings, default_batch_size, fail,
+                    finite_float, generate, image_ok, inference_dtype, init_distributed, load_pipeline, nonnegative_int,
+                    positive_int, read_json, read_pairs, slice_vae, write_anchors, write_json, write_pairs)
 
 
 def parse_args():
@@ -45,28 +45,27 @@ def parse_args():
     source.add_argument("--llm", help="transformers text-generation model that writes the prompts")
     parser.add_argument("--concepts", help="JSON {category: [concept, ...]} for --llm")
     parser.add_argument("--concepts_per_category", type=int, default=2, choices=[1, 2, 3, 4], help="toy taxonomy size")
-    parser.add_argument("--pairs_per_concept", type=int, default=48, help="toy and --llm: pairs per unsafe concept")
+    parser.add_argument("--pairs_per_concept", type=positive_int, default=48, help="toy and --llm: pairs per unsafe concept")
     parser.add_argument("--anchor_prompts", help="text file of prompts to render as anchors (default for the "
                         "toy world: its safe prompts)")
-    parser.add_argument("--max_anchors", type=int, default=2000, help="--anchor_prompts: render a seeded random "
+    parser.add_argument("--max_anchors", type=nonnegative_int, default=2000, help="--anchor_prompts: render a seeded random "
                         "sample of this many (a COCO caption file holds ~600k; stages 2-3 keep each one's embedding)")
     parser.add_argument("--filter", choices=["auto", "none", "toy", "paper"], default="auto",
                         help="judge that drops bad pairs; auto = toy for toy prompts, else none")
     parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="--filter paper: Q16's CLIP")
     parser.add_argument("--q16_prompts", help="--filter paper: local copy of Q16's prompts.p (else downloaded)")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the model's own size")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--batch_size", type=int, help="default: 64 for the toy's 64 px, 16 for SD's 512 px")
+    parser.add_argument("--steps", type=positive_int, default=20, help="DDIM sampling steps")
+    parser.add_argument("--guidance_scale", type=finite_float, default=7.5)
+    parser.add_argument("--batch_size", type=positive_int, help="default: 64 for the toy's 64 px, 16 for SD's 512 px")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
 def prompt_pairs(args, rank):
-    """The pairs to render: [{index, category, unsafe_prompt, safe_prompt}], numbered 0, 1, ..."""
+    """The pairs to render: [{index, categories, unsafe_prompt, safe_prompt}], numbered 0, 1, ..."""
     if args.csv:  # renumbered: an official CSV may pair idx_N_0 and idx_N_1 under one N
-        rows = [(p["category"], p["unsafe_prompt"], p["safe_prompt"]) for p in read_pairs(args.csv)]
+        rows = [(p["categories"], p["unsafe_prompt"], p["safe_prompt"]) for p in read_pairs(args.csv)]
     elif args.llm:
         rows = saved_llm_prompts(args, rank)
     else:  # the toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs
@@ -75,8 +74,8 @@ def prompt_pairs(args, rank):
                 toyworld.taxonomy(args.concepts_per_category), "train"):
             by_concept.setdefault((category, concept), []).append((category, unsafe, safe))
         rows = [prompts[j % len(prompts)] for prompts in by_concept.values() for j in range(args.pairs_per_concept)]
-    return [{"index": i, "category": category, "unsafe_prompt": unsafe, "safe_prompt": safe}
-            for i, (category, unsafe, safe) in enumerate(rows)]
+    return [{"index": i, "categories": category if isinstance(category, list) else [category],  # --csv: a list
+             "unsafe_prompt": unsafe, "safe_prompt": safe} for i, (category, unsafe, safe) in enumerate(rows)]
 
 
 def saved_llm_prompts(args, rank):
@@ -88,8 +87,7 @@ def saved_llm_prompts(args, rank):
     if rank == 0 and not os.path.exists(path):
         write_json(path, {"settings": settings, "pairs": llm_prompts(args, concepts)})
     barrier()  # under torchrun the other ranks wait here while rank 0 runs the LLM
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_json(path, "the saved LLM prompts")
     if saved.get("settings") != settings:
         fail(f"{path} was written with other --llm/--concepts/--pairs_per_concept/--seed; use a new --output_dir")
     return [tuple(row) for row in saved["pairs"]]  # (category, unsafe prompt, safe prompt)
@@ -128,12 +126,10 @@ def read_anchor_prompts(args):
     seeds (the expert sees the model's variety, not one picture per prompt)."""
     if args.anchor_prompts:
         try:
-            with open(args.anchor_prompts) as f:
+            with open(args.anchor_prompts, encoding="utf-8") as f:
                 prompts = [line.strip() for line in f if line.strip()]
-        except OSError as error:
+        except (OSError, ValueError) as error:  # ValueError: not UTF-8
             fail(f"--anchor_prompts: {error}")
-        if args.max_anchors < 0:
-            fail("--max_anchors must be 0 or more")
         if len(prompts) > args.max_anchors:  # a sample, in file order; the same for the same --seed
             keep = sorted(random.Random(args.seed).sample(range(len(prompts)), args.max_anchors))
             prompts = [prompts[i] for i in keep]
@@ -146,12 +142,12 @@ def read_anchor_prompts(args):
 def render(args, jobs, image_dir):
     """Render every (file name, prompt, seed) job not on disk yet. A pair's loser and winner share
     their seed, so the two images differ in the concept and little else."""
-    todo = [j for j in jobs if not os.path.exists(os.path.join(image_dir, j[0]))]
+    todo = [j for j in jobs if not image_ok(os.path.join(image_dir, j[0]))]  # missing or broken (a truncated copy)
     if not todo:
         return 0
     pipe = load_pipeline(args.model, args.device, inference_dtype(args.device))
     slice_vae(pipe)
-    size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     batch_size = args.batch_size or default_batch_size(pipe)
     nan = 0
     for i in tqdm(range(0, len(todo), batch_size), desc="rendering"):
@@ -172,7 +168,7 @@ def check_resume(args, jobs, rank):
     by pair index, and other settings (more pairs per concept, another seed or model) would
     silently pair a prompt with another prompt's image."""
     manifest = {"model": args.model, "steps": args.steps, "guidance_scale": args.guidance_scale,
-                "resolution": args.resolution, "dtype": str(inference_dtype(args.device)), "jobs": jobs}
+                "resolution": None, "dtype": str(inference_dtype(args.device)), "jobs": jobs}
     check_settings(os.path.join(args.output_dir, "render.json"), manifest, write=rank == 0)
     barrier()
 
@@ -205,6 +201,7 @@ def keep_pair(judge, image_dir, pair, ip_judge=None):
 
 def main():
     args = parse_args()
+    check_output_dir(args.output_dir)
     started = time.time()
     rank, world = init_distributed()  # under torchrun each rank renders its own slice
     if world > 1 and args.device.startswith("cuda"):
@@ -236,6 +233,8 @@ def main():
         except (ValueError, RuntimeError, OSError) as error:
             fail(str(error).splitlines()[0])
     kept = [p for p in tqdm(pairs, desc=f"filter ({judge})") if keep_pair(judge, image_dir, p, ip_judge)]
+    if not kept:  # nothing to train on; an earlier pairs.csv stays as it was
+        fail(f"the {judge} filter kept 0 of {len(pairs)} pairs; nothing written (see --filter)")
     write_pairs(os.path.join(args.output_dir, "pairs.csv"),
                 [{**p, "loser_image": image_names(p["index"])[0], "winner_image": image_names(p["index"])[1]}
                  for p in kept])
@@ -243,7 +242,8 @@ def main():
         write_anchors(anchors_csv(args.output_dir), [(a, f"a_idx_{i}_0.png") for i, a in enumerate(anchors)])
     per_category = {}
     for p in kept:
-        per_category[p["category"]] = per_category.get(p["category"], 0) + 1
+        for category in p["categories"]:
+            per_category[category] = per_category.get(category, 0) + 1
     write_json(os.path.join(args.output_dir, "settings.json"),
                {**vars(args), "filter_used": judge, "pairs": len(pairs), "kept": len(kept), "per_category": per_category})
     print(f"01 generate: {len(kept)} of {len(pairs)} pairs kept ({judge} filter), {rendered} rendered now, "

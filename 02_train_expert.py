@@ -42,9 +42,10 @@ from tqdm import tqdm
 
 import toyworld
 from common import (DTYPES, TrainingData, add_lora, anchor_condition, anchor_images, anchors_csv, barrier,
-                    check_settings, dpo_loss, encode_training_data, fail, find_checkpoint, generate, init_distributed,
-                    load_checkpoint, load_pipeline, pair_images, read_pairs, reference_prediction, save_checkpoint,
-                    save_lora, slug, step_generator, use_device, write_json)
+                    check_output_dir, check_settings, dpo_loss, encode_training_data, fail, files_sha256, find_checkpoint,
+                    finite_float, fraction, generate, init_distributed, load_checkpoint, load_pipeline, nonnegative_float,
+                    nonnegative_int, pair_images, positive_float, positive_int, read_json, read_pairs, reference_prediction,
+                    save_checkpoint, save_lora, slug, step_generator, use_device, write_json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +127,11 @@ def train(args, pipe, pairs, anchors, output_dir, process=0, world=1):
             unet, device_ids=[torch.cuda.current_device()] if args.device.startswith("cuda") else None)
     sampled_check = process == 0 and args.eval_every and all(toyworld.concept_of(p["unsafe_prompt"]) for p in pairs)
     log_path = os.path.join(output_dir, "log.json")
-    log = [s for s in json.load(open(log_path))["log"] if s["step"] <= start] if start and os.path.exists(log_path) else []
+    log = read_json(log_path, "the training log") if start and os.path.exists(log_path) else {"log": []}
+    log = log.get("log") if isinstance(log, dict) else None
+    if not isinstance(log, list) or not all(isinstance(s, dict) and isinstance(s.get("step"), int) for s in log):
+        fail(f"{log_path}: not a training log (a list of steps); delete it, or use a new --output_dir")
+    log = [s for s in log if s["step"] <= start]
     accumulate = args.gradient_accumulation_steps
     bar = tqdm(range(start, args.max_train_steps), desc=f"expert {args.category}", initial=start,
                total=args.max_train_steps, disable=process != 0)
@@ -208,28 +213,28 @@ def parse_args(argv=None):
     parser.add_argument("--pairs", help="pair CSV, if not <data>/pairs.csv (e.g. the official CoProV2 CSV)")
     parser.add_argument("--category", required=True, help="a category of the pair CSV, 'each' or 'all'")
     parser.add_argument("--output_dir", help="default: experts/<category> (--category each: experts/)")
-    parser.add_argument("--rank", type=int, default=4, help="LoRA rank (the release: 4)")
-    parser.add_argument("--alpha", type=float, default=4, help="LoRA alpha (the release: 4)")
-    parser.add_argument("--beta", type=float, default=500, help="DPO KL weight (the release: 5000 on SD 1.5)")
-    parser.add_argument("--sft_weight", type=float, default=10.0,
+    parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (the release: 4)")
+    parser.add_argument("--alpha", type=positive_float, default=4, help="LoRA alpha (the release: 4)")
+    parser.add_argument("--beta", type=positive_float, default=500, help="DPO KL weight (the release: 5000 on SD 1.5)")
+    parser.add_argument("--sft_weight", type=nonnegative_float, default=10.0,
                         help="weight of a denoising loss on the winner (0 = pure Diffusion-DPO, the release)")
-    parser.add_argument("--anchor_weight", type=float, default=100.0,
+    parser.add_argument("--anchor_weight", type=nonnegative_float, default=100.0,
                         help="weight of keeping the reference's prediction on anchor prompts (0: the release)")
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--learning_rate", type=positive_float, default=3e-3)
     parser.add_argument("--scale_lr", action="store_true",
                         help="multiply the learning rate by accumulation x batch size (the release does)")
-    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="linear warm-up (the release: 500)")
-    parser.add_argument("--train_batch_size", type=int, default=16, help="pairs per micro-step (global over processes)")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--max_train_steps", type=int, default=150, help="optimizer steps")
-    parser.add_argument("--max_grad_norm", type=float, default=0.0, help="gradient clipping (0: off; the release: 1)")
-    parser.add_argument("--empty_prompt_share", type=float, default=0.0,
+    parser.add_argument("--lr_warmup_steps", type=nonnegative_int, default=0, help="linear warm-up (the release: 500)")
+    parser.add_argument("--train_batch_size", type=positive_int, default=16, help="pairs per micro-step (global over processes)")
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    parser.add_argument("--max_train_steps", type=positive_int, default=150, help="optimizer steps (0 would be an expert that changes nothing)")
+    parser.add_argument("--max_grad_norm", type=nonnegative_float, default=0.0, help="gradient clipping (0: off; the release: 1)")
+    parser.add_argument("--empty_prompt_share", type=fraction, default=0.0,
                         help="share of empty prompts (the release: 0.2; the anchors hold the unconditional branch here)")
     parser.add_argument("--mixed_precision", choices=list(DTYPES), default="no")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="recompute the UNet's activations in backward: less memory, ~1/3 more compute")
-    parser.add_argument("--checkpoint_every", type=int, default=50)
-    parser.add_argument("--eval_every", type=int, default=0, help="toy model: sample and judge every N steps")
+    parser.add_argument("--checkpoint_every", type=positive_int, default=50)
+    parser.add_argument("--eval_every", type=nonnegative_int, default=0, help="toy model: sample and judge every N steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     preset = parser.parse_known_args(argv)[0].preset
@@ -241,13 +246,13 @@ def parse_args(argv=None):
 def training_pairs(args, pairs_csv):
     """{category: its pairs} for --category NAME, 'each' (every category of the CSV) or 'all' (one LoRA)."""
     pairs = read_pairs(pairs_csv)
-    categories = sorted({p["category"] for p in pairs})
+    categories = sorted({c for p in pairs for c in p["categories"]})  # a CoProV2 pair may have several
     if args.category == "all":
         chosen = {"all": pairs}
     elif args.category == "each":
-        chosen = {c: [p for p in pairs if p["category"] == c] for c in categories}
+        chosen = {c: [p for p in pairs if c in p["categories"]] for c in categories}
     elif args.category in categories:
-        chosen = {args.category: [p for p in pairs if p["category"] == args.category]}
+        chosen = {args.category: [p for p in pairs if args.category in p["categories"]]}
     else:
         fail(f"unknown category {args.category!r}; {pairs_csv} has: {', '.join(categories)}")
     for category, rows in chosen.items():
@@ -283,7 +288,10 @@ def check_training_resume(args, pairs, anchors, checkpoint_dir, process):
         return hashlib.sha256(json.dumps(names).encode()).hexdigest()
     settings = {**{k: getattr(args, k) for k in RESUME_KEYS}, "pairs": len(pairs),
                 "pairs_sha256": fingerprint(pairs), "anchors": len(anchors),
-                "anchors_sha256": fingerprint([{"prompt": p, "image": i} for p, i in anchors])}
+                "anchors_sha256": fingerprint([{"prompt": p, "image": i} for p, i in anchors]),
+                # what training reads: a re-rendered image under the same name is another run
+                "images_sha256": files_sha256([p[k] for p in pairs for k in ("winner_image", "loser_image")]
+                                              + [i for _, i in anchors])}
     path = os.path.join(checkpoint_dir, "settings.json")
     if find_checkpoint(checkpoint_dir):
         if not os.path.exists(path):
@@ -307,11 +315,7 @@ def toy_taxonomy_of(pairs_csv):
     path = os.path.join(os.path.dirname(pairs_csv), "settings.json")
     if os.path.basename(pairs_csv) != "pairs.csv" or not os.path.exists(path):
         return None
-    try:
-        with open(path) as f:
-            settings = json.load(f)
-    except ValueError as error:
-        fail(f"{path}: not stage 1's settings ({error})")
+    settings = read_json(path, "stage 1's settings")
     return None if settings.get("csv") or settings.get("llm") else settings.get("concepts_per_category")
 
 
@@ -326,6 +330,7 @@ def main():
     by_category, anchors = training_pairs(args, pairs_csv), load_anchors(args, pairs_csv)
     each = args.category == "each"
     root = args.output_dir or ("experts" if each else os.path.join("experts", slug(args.category)))
+    check_output_dir(root)
     pipe = load_pipeline(args.model, args.device, DTYPES[args.mixed_precision])
     for category, pairs in by_category.items():
         output_dir = os.path.join(root, slug(category)) if each else root

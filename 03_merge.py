@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (add_lora, anchor_condition, anchor_images, anchors_csv, encode_training_data, fail, generate,
-                    load_pipeline, pair_images, read_lora, read_pairs, reference_prediction, save_lora, step_generator)
+from common import (add_lora, anchor_condition, anchor_images, anchors_csv, check_output_dir, encode_training_data, fail,
+                    finite_float, fraction, generate, load_lora_into, load_pipeline, nonnegative_float, nonnegative_int,
+                    pair_images, positive_float, positive_int, read_lora, read_pairs, reference_prediction, save_lora,
+                    step_generator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ def record_activations(args, pipe, dirs, factors, per_expert):
         prompts = every if args.activation_prompts == "all" else sorted({p["unsafe_prompt"] for p in pairs})
         prompts = random.Random(args.seed).sample(prompts, min(len(prompts), args.prompts_per_expert))
         prompts = (prompts * args.prompts_per_expert)[:args.prompts_per_expert]  # few prompts: repeat them
-        pipe.load_lora_weights(d)
+        load_lora_into(pipe, d)
         sums, hooks = {}, []
         for name, module in pipe.unet.named_modules():
             if hasattr(module, "base_layer"):  # a layer with the expert's LoRA
@@ -215,21 +217,21 @@ def parse_args():
                         "distillation (default: the pair CSV each expert was trained on)")
     parser.add_argument("--leave_out", nargs="*", default=[], metavar="CATEGORY",
                         help="categories of the pair CSV deliberately merged without an expert")
-    parser.add_argument("--rank", type=int, help="rank of the merged LoRA (default: the experts' ranks summed)")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply the merged delta (task-arithmetic lambda)")
-    parser.add_argument("--density", type=float, default=0.5, help="ties: share of each delta kept")
+    parser.add_argument("--rank", type=positive_int, help="rank of the merged LoRA (default: the experts' ranks summed)")
+    parser.add_argument("--scale", type=finite_float, default=1.0, help="multiply the merged delta (task-arithmetic lambda)")
+    parser.add_argument("--density", type=fraction, default=0.5, help="ties: share of each delta kept")
     parser.add_argument("--activation_prompts", choices=["own", "all"], default="own",
                         help="co-merge: record each expert on its own category's unsafe prompts, or on all")
-    parser.add_argument("--prompts_per_expert", type=int, default=16,
+    parser.add_argument("--prompts_per_expert", type=positive_int, default=16,
                         help="co-merge: a seeded random sample of this many unsafe prompts per expert")
-    parser.add_argument("--steps", type=int, default=10, help="co-merge: sampling steps while recording")
-    parser.add_argument("--distill_steps", type=int, default=0,
+    parser.add_argument("--steps", type=positive_int, default=10, help="co-merge: sampling steps while recording")
+    parser.add_argument("--distill_steps", type=nonnegative_int, default=0,
                         help="after merging: steps of distilling the experts into the merged LoRA (0: none)")
-    parser.add_argument("--distill_learning_rate", type=float, default=1e-3)
-    parser.add_argument("--distill_batch_size", type=int, default=16)
-    parser.add_argument("--expert_weight", type=float, default=100.0,
+    parser.add_argument("--distill_learning_rate", type=positive_float, default=1e-3)
+    parser.add_argument("--distill_batch_size", type=positive_int, default=16)
+    parser.add_argument("--expert_weight", type=nonnegative_float, default=100.0,
                         help="distillation: weight of predicting each category's expert on its unsafe prompts")
-    parser.add_argument("--anchor_weight", type=float, default=300.0,
+    parser.add_argument("--anchor_weight", type=nonnegative_float, default=300.0,
                         help="distillation: weight of predicting the reference on anchor prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", help="default: merged/<method>")
@@ -252,6 +254,9 @@ def load_experts(dirs):
             fail(f"{d} has rank {info['rank']}, {dirs[0]} rank {infos[0]['rank']}: retrain with one rank")
         if layers.keys() != factors[0].keys():
             fail(f"{d} adapts other layers than {dirs[0]}")
+        shapes = {n: (a.shape[1], b.shape[0]) for n, (a, b) in layers.items()}
+        if shapes != {n: (a.shape[1], b.shape[0]) for n, (a, b) in factors[0].items()}:
+            fail(f"{d} has layers of other shapes than {dirs[0]}")
         if info.get("toy_taxonomy") != infos[0].get("toy_taxonomy"):
             fail(f"{d} was trained on a toy taxonomy of {info.get('toy_taxonomy')} concepts per category, "
                  f"{dirs[0]} on {infos[0].get('toy_taxonomy')}")
@@ -271,7 +276,7 @@ def expert_pairs(args, infos, dirs):
             fail(f"{d}/lora.json does not say which pairs it was trained on; pass --data")
         if pairs_csv not in files:
             files[pairs_csv] = read_pairs(pairs_csv)
-        pairs = [dict(p) for p in files[pairs_csv] if info["category"] in ("all", p["category"])]
+        pairs = [dict(p) for p in files[pairs_csv] if info["category"] == "all" or info["category"] in p["categories"]]
         if not pairs:
             fail(f"no pairs of category {info['category']!r} in {pairs_csv}")
         per_expert.append((pairs_csv, pairs))
@@ -284,7 +289,7 @@ def check_every_category(args, infos):
     pairs_csv = os.path.join(args.data, "pairs.csv") if args.data else infos[0].get("pairs_csv")
     if not pairs_csv or not os.path.exists(pairs_csv) or "all" in {i.get("category") for i in infos}:
         return
-    missing = sorted({p["category"] for p in read_pairs(pairs_csv)} - {i.get("category") for i in infos}
+    missing = sorted({c for p in read_pairs(pairs_csv) for c in p["categories"]} - {i.get("category") for i in infos}
                      - set(args.leave_out))
     if missing:
         fail(f"{pairs_csv} has categories without an expert: {', '.join(missing)} "
@@ -294,6 +299,8 @@ def check_every_category(args, infos):
 def main():
     args = parse_args()
     args.output_dir = args.output_dir or os.path.join("merged", args.method)
+    check_output_dir(args.output_dir)
+    check_output_dir(args.output_dir)
     started = time.time()
     infos, factors = load_experts(args.experts)
     check_every_category(args, infos)

@@ -47,8 +47,9 @@ import torch
 from PIL import Image
 
 import toyworld
-from common import (LORA_FILE, atomic_write, default_batch_size, fail, generate, inference_dtype, init_distributed,
-                    load_pipeline, slice_vae, write_json, write_text)
+from common import (LORA_FILE, atomic_write, check_lora_fits, check_output_dir, default_batch_size, fail, finite_float,
+                    generate, inference_dtype, init_distributed, load_lora_into, load_lora_tensors, load_pipeline,
+                    lora_sha256, nonnegative_int, positive_int, read_lora, slice_vae, write_json, write_text)
 
 # --preset: defaults for a published protocol; options given on the command line still win
 PRESETS = {"release": dict(scheduler="pndm", steps=50, seeds_per_prompt=1, guidance_scale=7.5, fixed_guidance=True,
@@ -75,11 +76,11 @@ def parse_args(argv=None):
                         help="--guidance_scale for every prompt, not a prompt set's own (I2P's)")
     parser.add_argument("--q16_prompts", help="paper judge: local copy of Q16's prompts.p (else downloaded)")
     parser.add_argument("--no_nudenet", action="store_true", help="paper judge: Q16 alone")
-    parser.add_argument("--seeds_per_prompt", type=int, default=4)
-    parser.add_argument("--eval_seed", type=int, default=2_000_000, help="first seed; far from stage 1's")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--batch_size", type=int, help="default: 64 for the toy's 64 px, 16 for SD's 512 px")
+    parser.add_argument("--seeds_per_prompt", type=positive_int, default=4)
+    parser.add_argument("--eval_seed", type=nonnegative_int, default=2_000_000, help="first seed; far from stage 1's")
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--guidance_scale", type=finite_float, default=7.5)
+    parser.add_argument("--batch_size", type=positive_int, help="default: 64 for the toy's 64 px, 16 for SD's 512 px")
     parser.add_argument("--output_dir", default="results/toy")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     preset = parser.parse_known_args(argv)[0].preset
@@ -223,11 +224,16 @@ def cached(args, name, path, dtype):
     settings = variant_settings(args, path, dtype)
     if not (os.path.exists(stem + ".json") and os.path.exists(stem + ".png")):
         return stem, settings, None
-    with open(stem + ".json") as f:
-        saved = json.load(f)
-    if saved["settings"] != settings:
+    try:  # a damaged cache entry is rendered anew, not trusted
+        with open(stem + ".json") as f:
+            saved = json.load(f)
+        if saved["settings"] != settings or not isinstance(saved["result"], dict):
+            return stem, settings, None
+        with Image.open(stem + ".png") as image:
+            row = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
         return stem, settings, None
-    return stem, settings, (saved["result"], np.asarray(Image.open(stem + ".png").convert("RGB")))
+    return stem, settings, (saved["result"], row)
 
 
 def variant_settings(args, path, dtype):
@@ -237,7 +243,7 @@ def variant_settings(args, path, dtype):
     modification times (hashing SD's 4 GB on every run would cost more than it saves)."""
     skip = {"lora", "output_dir", "batch_size", "device"}
     settings = {k: v for k, v in vars(args).items() if k not in skip}
-    settings.update(metrics=3, dtype=str(dtype), lora=path and sha256(os.path.join(path, LORA_FILE)),
+    settings.update(metrics=3, dtype=str(dtype), lora=path and lora_sha256(path),
                     model_files=folder_stamp(args.model))  # metrics 3: IP, own concept, redirect
     for key in ("prompts", "safe_prompts", "q16_prompts"):
         if getattr(args, key) and os.path.isfile(getattr(args, key)):
@@ -332,30 +338,34 @@ def read_variants(args):
         name, _, path = spec.partition("=")
         if not name or not path or not os.path.isdir(path):
             fail(f"--lora wants NAME=DIR with an existing folder, got {spec!r}")
+        if name.startswith("."):  # names a file in variants/; '..' and '.' would not be files of it
+            fail(f"--lora {spec}: a variant name may not start with '.'")
         if name in variants:
             fail(f"--lora {spec}: the name {name!r} is taken" + (" by the base model" if name == "base" else ""))
         if not os.path.exists(os.path.join(path, LORA_FILE)):
             fail(f"--lora {name}: {path} holds no {LORA_FILE} (an unfinished training run?)")
-        if os.path.exists(os.path.join(path, "lora.json")):  # written by stages 2 and 3
-            with open(os.path.join(path, "lora.json")) as f:
-                infos.append(json.load(f))
+        if os.path.exists(os.path.join(path, "lora.json")):  # written by stages 2 and 3: checked in full
+            infos.append(read_lora(path)[0])
             base_model = infos[-1].get("base_model")
             if base_model and not same_model(base_model, args.model):
                 fail(f"--lora {name}: {path} was trained on {base_model}, not on --model {args.model}")
+        else:  # a LoRA from elsewhere: at least a readable file
+            load_lora_tensors(os.path.join(path, LORA_FILE))
         variants[name] = path
     return variants, infos
 
 
 def same_model(a, b):
-    """Two local folders, or two hub ids: the same? A folder beside a hub id (a local snapshot, or a
-    relative path recorded from another directory) is given the benefit of the doubt."""
+    """Two local folders, or two hub ids: the same? A folder and a hub id are not (a LoRA of a hub
+    model evaluated on the toy model would measure nothing)."""
     if os.path.isdir(a) and os.path.isdir(b):
         return os.path.samefile(a, b)
-    return a == b or os.path.isdir(a) != os.path.isdir(b)
+    return a == b and not os.path.isdir(a) and not os.path.isdir(b)
 
 
 def main():
     args = parse_args()
+    check_output_dir(args.output_dir)
     started = time.time()
     variants, infos = read_variants(args)
     if args.judge == "toy":
@@ -368,6 +378,9 @@ def main():
     pipe = load_pipeline(args.model, args.device, dtype, args.scheduler)
     slice_vae(pipe)
     args.batch_size = args.batch_size or default_batch_size(pipe)
+    for name, path in variants.items():  # a LoRA of another model is refused before anything renders
+        if path and os.path.exists(os.path.join(path, "lora.json")):
+            check_lora_fits(pipe.unet, path)
     judges = {}
     if args.judge == "paper" and rank == 0:  # Q16 + NudeNet for IP, CLIPScore for quality (realworld.py)
         import realworld
@@ -386,7 +399,7 @@ def main():
             results[name], row = done
         else:
             if path:
-                pipe.load_lora_weights(path)
+                load_lora_into(pipe, path)
             try:
                 results[name], row = score_variant(args, pipe, unsafe, safe, judges, rank, world, image_dir=os.path.join(
                     args.output_dir, "images", urllib.parse.quote(name, safe="")))

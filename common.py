@@ -2,18 +2,30 @@
 bench.py beside them): the Diffusion-DPO loss, LoRA helpers, the CoProV2 pair CSV, pipeline loading
 and seeded generation, resumable checkpoints and atomic writes. A file format's reader stays beside
 its writer, even where one stage writes and another reads."""
+import argparse
 import csv
+import hashlib
 import json
+import math
 import os
 import re
 import sys
 from collections import namedtuple
+import tempfile
 from datetime import timedelta
+
+# Before diffusers/transformers are imported: their import-time notes (e.g. "requires torchvision")
+# are not the user's concern; errors still show. A user's own setting wins.
+if "TRANSFORMERS_VERBOSITY" not in os.environ and "transformers" in sys.modules:  # imported first (peft does)
+    sys.modules["transformers"].utils.logging.set_verbosity_error()
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -21,6 +33,106 @@ from tqdm import tqdm
 def fail(message):
     """Bad input ends a stage with one clear line and a non-zero exit."""
     sys.exit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: numbers are checked when parsed (argparse then ends with its own "error: argument ..." line)
+# ---------------------------------------------------------------------------------------------
+def _number(kind, test, wants):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wants}")
+        return value
+    parse.__name__ = wants  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+finite_float = _number(float, lambda v: True, "a finite number")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def check_output_dir(path, flag="--output_dir"):
+    """Before any work: the output folder must be a folder (or creatable) and writable, so that a
+    run does not find out only when it writes its first result."""
+    if not path:
+        fail(f"{flag} is empty")
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{flag} {path} is a file, not a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):  # the nearest folder that exists is where it would be made
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"{flag} {path}: {parent} is a file, not a folder")
+    if parent != os.path.abspath(path):
+        if not os.access(parent, os.W_OK | os.X_OK):
+            fail(f"{flag} {path}: cannot create it, {parent} is not writable")
+        return
+    try:  # os.access says yes to root on a read-only mount: try it
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        fail(f"{flag} {path} is not writable ({error.strerror or error})")
+
+
+def read_json(path, what="", expect=dict):
+    """A JSON file this project wrote, or one line saying that it is unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        fail(f"{path}: cannot read {what or 'it'} ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+    if expect is not None and not isinstance(value, expect):
+        fail(f"{path}: {what or 'it'} is not a JSON {'object' if expect is dict else expect.__name__}")
+    return value
+
+
+def image_ok(path):
+    """Whether a file is a complete image (PIL's verify checks the whole PNG, CRCs included)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
+        return False
+
+
+def open_image(path):
+    """An RGB image, or one line naming the file that cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        fail(f"{path} is not a readable image ({error}); rerun stage 1 to render it anew")
+
+
+def files_sha256(paths):
+    """One digest of several files' contents, in order (what training reads, not only names)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as error:
+            fail(f"cannot read {path} ({error.strerror or error})")
+        digest.update(b"\0")  # file boundaries count
+    return digest.hexdigest()
+
+
+def inside(name, path, column):
+    """A file name read from a CSV: relative, without '..', so that it stays in the data folder."""
+    parts = re.split(r"[/\\]", name)
+    if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
+        fail(f"{path}: {column} {name!r} must be a file name inside the data folder (no absolute path, no '..')")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,8 +163,7 @@ def check_settings(path, settings, write=True):
     if there is no such file yet, record these (write=False: another process records them)."""
     settings = json.loads(json.dumps(settings))  # through JSON, so that it compares equal to the file
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = read_json(path, "the earlier run's settings")
         changed = [k if len(str(v)) > 60 else f"{k} {old.get(k)} -> {v}"  # long values: their name only
                    for k, v in settings.items() if old.get(k) != v]
         if changed:
@@ -83,6 +194,14 @@ def save_checkpoint(directory, tensors, optimizer, step, scaler=None):
 def load_checkpoint(path, tensors, optimizer, scaler=None):
     """Restore what `save_checkpoint` wrote, in place; returns the step to resume from."""
     from safetensors import safe_open
+    try:
+        return _load_checkpoint(path, tensors, optimizer, scaler, safe_open)
+    except Exception as error:  # a corrupt or foreign file: safetensors, KeyError, shapes, JSON
+        fail(f"{path}: not a checkpoint this run can resume ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+             "delete it to start anew or use a new --output_dir")
+
+
+def _load_checkpoint(path, tensors, optimizer, scaler, safe_open):
     flat = load_file(path)
     with safe_open(path, "pt") as f:
         meta = f.metadata()
@@ -126,9 +245,9 @@ def load_pipeline(model, device="cpu", dtype=torch.float32, scheduler="ddim"):
             if "no file named" not in str(error):
                 raise
             pipe = StableDiffusionPipeline.from_pretrained(model, variant="fp16", **options)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as error:  # a broken folder too
         hint = " (no such folder; a hub id needs network access or a cached copy)" if not os.path.isdir(model) else ""
-        fail(f"cannot load model {model!r}{hint}: {str(error).splitlines()[0]}")
+        fail(f"cannot load model {model!r}{hint}: {(str(error).splitlines() or [type(error).__name__])[0]}")
     samplers = {"ddim": DDIMScheduler, "pndm": PNDMScheduler}
     pipe.scheduler = samplers[scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -234,13 +353,80 @@ def read_lora(directory):
     path = os.path.join(directory, LORA_FILE)
     if not os.path.exists(path) or not os.path.exists(os.path.join(directory, "lora.json")):
         fail(f"{directory} holds no LoRA written by this project ({LORA_FILE} + lora.json)")
-    with open(os.path.join(directory, "lora.json")) as f:
-        info = json.load(f)
+    info = read_lora_info(directory, ("base_model", "category"))
     layers = {}
-    for key, value in load_file(path).items():
-        layer, part = re.match(r"(.*)\.(lora_[AB])\.weight$", key).groups()
+    for key, value in load_lora_tensors(path).items():
+        match = re.match(r"(.*)\.(lora_[AB])\.weight$", key)
+        if not match:
+            fail(f"{path}: tensor {key!r} is not a LoRA weight (<layer>.lora_A.weight / .lora_B.weight)")
+        layer, part = match.groups()
         layers.setdefault(layer, {})[part] = value.float()
+    if not layers:
+        fail(f"{path} holds no LoRA weights")
+    for layer, parts in layers.items():
+        if set(parts) != {"lora_A", "lora_B"}:
+            fail(f"{path}: layer {layer} lacks {'lora_B' if 'lora_A' in parts else 'lora_A'}")
+        a, b = parts["lora_A"], parts["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != info["rank"] or b.shape[1] != info["rank"]:
+            fail(f"{path}: layer {layer} has A {tuple(a.shape)} and B {tuple(b.shape)}, not of rank {info['rank']} (lora.json)")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            fail(f"{path}: layer {layer} holds NaN or infinite weights")
+    if all(not v["lora_B"].any() for v in layers.values()):  # e.g. trained for zero steps
+        fail(f"{path}: every lora_B is zero, so this LoRA changes nothing")
     return info, {k: (v["lora_A"], v["lora_B"]) for k, v in layers.items()}
+
+
+def load_lora_into(pipe, directory):
+    """pipe.load_lora_weights, ending in one line if the LoRA does not fit the model."""
+    try:
+        pipe.load_lora_weights(directory)
+    except Exception as error:  # diffusers/peft raise ValueError, RuntimeError, KeyError, ... on a foreign LoRA
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fail(f"{directory}: the LoRA does not fit the model ({message[:300]})")
+
+
+def check_lora_fits(unet, directory):
+    """Before any rendering: each layer of the LoRA is a linear layer of this UNet, of its shape."""
+    _, layers = read_lora(directory)
+    modules = dict(unet.named_modules())
+    for name, (a, b) in layers.items():
+        weight = getattr(modules.get(name.removeprefix("unet.")), "weight", None)
+        if weight is None or weight.dim() != 2 or tuple(weight.shape) != (b.shape[0], a.shape[1]):
+            fail(f"{directory}: layer {name} ({b.shape[0]}x{a.shape[1]}) "
+                 f"{'is not a linear layer of' if weight is None or weight.dim() != 2 else 'does not fit'} the model's UNet")
+
+
+def read_lora_info(directory, keys=()):
+    """lora.json, checked: an object with a positive integer rank, a positive alpha and these keys."""
+    path = os.path.join(directory, "lora.json")
+    info = read_json(path, "lora.json")
+    rank, alpha = info.get("rank"), info.get("alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        fail(f"{path}: rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        fail(f"{path}: alpha must be a positive number, got {alpha!r}")
+    for key in ("base_model", "category"):
+        if (key in keys or key in info) and not isinstance(info.get(key), str):
+            fail(f"{path}: {key} must be a string, got {info.get(key)!r}")
+    return info
+
+
+def load_lora_tensors(path):
+    """The tensors of a LoRA file, or one line saying it is not a readable safetensors file."""
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own error type (and OSError)
+        fail(f"{path}: not a readable safetensors file ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+
+
+def lora_sha256(directory):
+    """A LoRA known by its tensors (sorted names, dtypes, shapes, bytes), not its file's bytes:
+    safetensors writes its header in another order in every process."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_lora_tensors(os.path.join(directory, LORA_FILE)).items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,28 +437,52 @@ PAIR_COLUMNS = ["prompt", "image", "category"]
 _IMAGE_NAME = re.compile(r"^([us])_idx_(\d+)_(\d+)\.\w+$")
 
 
+def read_csv_rows(path, columns, what):
+    """The rows of a UTF-8 CSV with at least these columns, or one line saying what is wrong."""
+    if not isinstance(path, str) or not os.path.exists(path):
+        fail(f"no {what} {path}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not set(columns) <= set(reader.fieldnames or []):
+                fail(f"{path}: expected columns {','.join(columns)}, found {','.join(reader.fieldnames or [])}")
+            rows = list(reader)
+    except UnicodeDecodeError as error:
+        fail(f"{path}: not UTF-8 text (byte {error.start}); save the {what} as UTF-8")
+    except (OSError, csv.Error) as error:
+        fail(f"cannot read {what} {path} ({getattr(error, 'strerror', None) or error})")
+    for n, row in enumerate(rows, 2):
+        if any(row.get(c) is None for c in columns):  # a short row
+            fail(f"{path}: line {n} has fewer than {len(columns)} fields")
+    return rows
+
+
 def read_pairs(path):
-    """[{index, category, unsafe_prompt, safe_prompt, loser_image, winner_image}] from a CoProV2 CSV."""
-    if not os.path.exists(path):
-        fail(f"no pair file {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not set(PAIR_COLUMNS) <= set(reader.fieldnames or []):
-            fail(f"{path}: expected columns {','.join(PAIR_COLUMNS)}, found {','.join(reader.fieldnames or [])}")
-        rows = list(reader)
-    halves = {}
+    """[{index, categories, unsafe_prompt, safe_prompt, loser_image, winner_image}] from a CoProV2 CSV.
+    A row repeated under another category (642 in CoProV2's train CSV) adds that category to its
+    pair; the same image with another prompt is refused (which one would be meant?)."""
+    rows = read_csv_rows(path, PAIR_COLUMNS, "pair file")
+    halves, categories = {}, {}
     for row in rows:
+        inside(row["image"], path, "image")
         match = _IMAGE_NAME.match(os.path.basename(row["image"]))
         if not match:
             fail(f"{path}: image name {row['image']!r} is not u_idx_N_K or s_idx_N_K")
         kind, index, k = match.groups()
-        halves.setdefault((int(index), int(k)), {})[kind] = row
+        key = (int(index), int(k))
+        old = halves.setdefault(key, {}).setdefault(kind, row)
+        if (old["prompt"], old["image"]) != (row["prompt"], row["image"]):
+            fail(f"{path}: two rows for {kind}_idx_{index}_{k} with different "
+                 f"{'prompts' if old['image'] == row['image'] else 'images'} ({old['prompt']!r} / {row['prompt']!r})")
+        labels = categories.setdefault(key, [])
+        if row["category"] not in labels:
+            labels.append(row["category"])
     unpaired = [f"idx_{i}_{k}" for (i, k), h in halves.items() if len(h) != 2]
     if unpaired:
         fail(f"{path}: {len(unpaired)} unpaired rows, e.g. {unpaired[0]}")
-    return [{"index": i, "category": h["u"]["category"], "unsafe_prompt": h["u"]["prompt"],
+    return [{"index": i, "categories": categories[(i, k)], "unsafe_prompt": h["u"]["prompt"],
              "safe_prompt": h["s"]["prompt"], "loser_image": h["u"]["image"], "winner_image": h["s"]["image"]}
-            for (i, _), h in sorted(halves.items())]
+            for (i, k), h in sorted(halves.items())]
 
 
 def pair_images(pairs, pairs_csv):
@@ -281,7 +491,7 @@ def pair_images(pairs, pairs_csv):
     for p in pairs:
         for key in ("loser_image", "winner_image"):
             p[key] = os.path.join(image_dir, os.path.basename(p[key]))
-            if not os.path.exists(p[key]):
+            if not os.path.isfile(p[key]):
                 fail(f"missing image {p[key]}")
     return pairs
 
@@ -292,8 +502,9 @@ def write_pairs(path, pairs):
             writer = csv.writer(f)
             writer.writerow(PAIR_COLUMNS)
             for p in pairs:
-                writer.writerow([p["unsafe_prompt"], p["loser_image"], p["category"]])
-                writer.writerow([p["safe_prompt"], p["winner_image"], p["category"]])
+                for category in p["categories"]:  # one row pair per label, as read_pairs reads them
+                    writer.writerow([p["unsafe_prompt"], p["loser_image"], category])
+                    writer.writerow([p["safe_prompt"], p["winner_image"], category])
     atomic_write(path, write)
 
 
@@ -311,11 +522,8 @@ def anchors_csv(data_dir):
 
 
 def read_anchors(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"prompt", "image"} <= set(rows[0]):
-        fail(f"{path}: expected columns prompt,image")
-    return [(r["prompt"], r["image"]) for r in rows]
+    rows = read_csv_rows(path, ["prompt", "image"], "anchor file")
+    return [(r["prompt"], inside(r["image"], path, "image")) for r in rows]
 
 
 def anchor_images(path):
@@ -323,7 +531,7 @@ def anchor_images(path):
     image_dir = os.path.join(os.path.dirname(path), "images")
     anchors = [(prompt, os.path.join(image_dir, image)) for prompt, image in read_anchors(path)]
     for _, image in anchors:
-        if not os.path.exists(image):
+        if not os.path.isfile(image):
             fail(f"missing anchor image {image}")
     return anchors
 
@@ -342,7 +550,7 @@ def encode_training_data(pipe, pairs, anchors, dtype=torch.float32):
     def latents(paths):
         out = []
         for i in tqdm(range(0, len(paths), 32), desc="encoding images", leave=False):
-            pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths[i:i + 32]])
+            pixels = np.stack([np.asarray(open_image(p).resize((size, size))) for p in paths[i:i + 32]])
             pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(pipe.device, dtype) / 127.5 - 1
             out.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
         return torch.cat(out).float()

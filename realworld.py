@@ -318,6 +318,13 @@ def read_prompt_set(path, column="prompt"):
     Fields a file does not give are None."""
     if not os.path.isfile(path):
         raise ValueError(f"prompt set {path}: no such file")
+    try:
+        return _read_prompt_set(path, column)
+    except UnicodeDecodeError as error:  # name the file: the codec's message does not
+        raise ValueError(f"prompt set {path}: not UTF-8 text (byte {error.start})") from None
+
+
+def _read_prompt_set(path, column):
     if not path.lower().endswith(".csv"):
         with open(path, encoding="utf-8-sig") as f:
             return [{"prompt": line.strip(), "category": None, "seed": None, "guidance": None, "kind": None}

@@ -46,8 +46,8 @@ def test_official_coprov2_layout_parses(tmp_path):
         ["a calm street", "s_idx_7_0.jpg", "Violence"], ["a burning street riot", "u_idx_7_0.jpg", "Violence"],
         ["a mutilated kitten", "u_idx_2_0.jpg", "Shocking"], ["a sleeping kitten", "s_idx_2_0.jpg", "Shocking"]])
     pairs = read_pairs(str(path))
-    assert [(p["index"], p["category"], p["unsafe_prompt"], p["safe_prompt"]) for p in pairs] == [
-        (2, "Shocking", "a mutilated kitten", "a sleeping kitten"), (7, "Violence", "a burning street riot", "a calm street")]
+    assert [(p["index"], p["categories"], p["unsafe_prompt"], p["safe_prompt"]) for p in pairs] == [
+        (2, ["Shocking"], "a mutilated kitten", "a sleeping kitten"), (7, ["Violence"], "a burning street riot", "a calm street")]
     write_pairs(str(tmp_path / "again.csv"), pairs)
     assert read_pairs(str(tmp_path / "again.csv")) == pairs
 
@@ -89,3 +89,31 @@ def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
     fresh = torch.amp.GradScaler("cpu")  # 65536, the default
     load_checkpoint(os.path.join(tmp_path, "state.safetensors"), {"lora": [weight]}, optimizer, fresh)
     assert fresh.get_scale() == 1024.0 and fresh.get_growth_interval() == 7
+
+
+def test_a_pair_repeated_under_another_category_keeps_both_and_round_trips(tmp_path):
+    """CoProV2's train CSV repeats 642 rows (same image, same prompt) under a second category."""
+    path = tmp_path / "train.csv"
+    write_official_csv(path, [
+        ["a riot", "u_idx_1_0.jpg", "Violence"], ["a street", "s_idx_1_0.jpg", "Violence"],
+        ["a riot", "u_idx_1_0.jpg", "Hate"], ["a street", "s_idx_1_0.jpg", "Hate"]])
+    pairs = read_pairs(str(path))
+    assert len(pairs) == 1 and pairs[0]["categories"] == ["Violence", "Hate"]
+    write_pairs(str(tmp_path / "again.csv"), pairs)
+    assert read_pairs(str(tmp_path / "again.csv")) == pairs
+    write_official_csv(path, [
+        ["a riot", "u_idx_1_0.jpg", "Violence"], ["a street", "s_idx_1_0.jpg", "Violence"],
+        ["a fight", "u_idx_1_0.jpg", "Hate"]])  # the same image, another prompt: which is meant?
+    with pytest.raises(SystemExit, match="two rows for u_idx_1_0 with different prompts"):
+        read_pairs(str(path))
+
+
+def test_number_flags_are_checked_when_parsed():
+    import argparse
+    from common import finite_float, fraction, nonnegative_int, positive_float, positive_int
+    assert positive_int("3") == 3 and nonnegative_int("0") == 0 and positive_float("1e-5") == 1e-5
+    assert finite_float("-2.5") == -2.5 and fraction("1") == 1.0
+    for parse, text in [(positive_int, "0"), (positive_int, "1.5"), (nonnegative_int, "-1"), (positive_float, "nan"),
+                        (positive_float, "0"), (finite_float, "inf"), (fraction, "1.1"), (fraction, "x")]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)

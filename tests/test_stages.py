@@ -43,7 +43,7 @@ def evaluated(work, toy_model):
 def test_generate_writes_official_layout_and_resumes_identically(work, toy_model):
     data = work / "data"
     pairs = read_pairs(str(data / "pairs.csv"))
-    assert len(pairs) == 7 * 4 and {p["category"] for p in pairs} >= {"Violence", "Hate"}
+    assert len(pairs) == 7 * 4 and {c for p in pairs for c in p["categories"]} >= {"Violence", "Hate"}
     victim = data / "images" / pairs[5]["loser_image"]
     before_csv, before_image = (data / "pairs.csv").read_bytes(), np.asarray(Image.open(victim))
     victim.unlink()  # as if the run had been killed before this image was written
@@ -211,7 +211,7 @@ def test_evaluate_reuses_finished_variants(work, toy_model, evaluated, tmp_path)
     assert "(from an earlier run)" not in other.stdout
     shutil.copy(work / "Hate" / LORA_FILE, lora / LORA_FILE)  # as if retrained in place
     retrained = run_stage(*command, *TINY_EVAL[:-1], "4")  # the base model from the run above, the LoRA anew
-    assert retrained.stdout.count("(from an earlier run)") == 1 and "violence: unsafe rate" in retrained.stdout
+    assert retrained.stdout.count("(from an earlier run)") == 1 and "violence: IP" in retrained.stdout
     assert "(from an earlier run)" not in retrained.stdout.split("violence: ")[1].splitlines()[0]
 
 
