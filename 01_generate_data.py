@@ -62,12 +62,12 @@ def parse_args():
     return parser.parse_args()
 
 
-def prompt_pairs(args, rank):
+def prompt_pairs(args, process):
     """The pairs to render: [{index, categories, unsafe_prompt, safe_prompt}], numbered 0, 1, ..."""
     if args.csv:  # renumbered: an official CSV may pair idx_N_0 and idx_N_1 under one N
         rows = [(p["categories"], p["unsafe_prompt"], p["safe_prompt"]) for p in read_pairs(args.csv)]
     elif args.llm:
-        rows = saved_llm_prompts(args, rank)
+        rows = saved_llm_prompts(args, process)
     else:  # the toy taxonomy: each concept's prompts (one per shape) are cycled to get enough pairs
         by_concept = {}
         for category, concept, unsafe, safe in toyworld.concept_prompts(
@@ -78,15 +78,15 @@ def prompt_pairs(args, rank):
              "unsafe_prompt": unsafe, "safe_prompt": safe} for i, (category, unsafe, safe) in enumerate(rows)]
 
 
-def saved_llm_prompts(args, rank):
+def saved_llm_prompts(args, process):
     """LLM prompts are sampled once and saved, so that a rerun renders the same pairs; a rerun with
     another LLM, concept list, count or seed is refused instead of mixing two prompt sets."""
     path = os.path.join(args.output_dir, "llm_prompts.json")
     concepts = read_concepts(args.concepts)
     settings = {"llm": args.llm, "concepts": concepts, "pairs_per_concept": args.pairs_per_concept, "seed": args.seed}
-    if rank == 0 and not os.path.exists(path):
+    if process == 0 and not os.path.exists(path):
         write_json(path, {"settings": settings, "pairs": llm_prompts(args, concepts)})
-    barrier()  # under torchrun the other ranks wait here while rank 0 runs the LLM
+    barrier()  # under torchrun the other ranks wait here while process 0 runs the LLM
     saved = read_json(path, "the saved LLM prompts")
     if saved.get("settings") != settings:
         fail(f"{path} was written with other --llm/--concepts/--pairs_per_concept/--seed; use a new --output_dir")
@@ -139,7 +139,7 @@ def read_anchor_prompts(args):
     return toyworld.safe_prompts(toyworld.taxonomy(args.concepts_per_category), template=0) * 2
 
 
-def render(args, jobs, image_dir):
+def render_missing(args, jobs, image_dir):
     """Render every (file name, prompt, seed) job not on disk yet. A pair's loser and winner share
     their seed, so the two images differ in the concept and little else."""
     todo = [j for j in jobs if not image_ok(os.path.join(image_dir, j[0]))]  # missing or broken (a truncated copy)
@@ -163,13 +163,13 @@ def render(args, jobs, image_dir):
     return len(todo)
 
 
-def check_resume(args, jobs, rank):
+def check_render_resume(args, jobs, process):
     """A rerun reuses the images on disk, so they must come from the same jobs: images are named
     by pair index, and other settings (more pairs per concept, another seed or model) would
     silently pair a prompt with another prompt's image."""
     manifest = {"model": args.model, "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "resolution": None, "dtype": str(inference_dtype(args.device)), "jobs": jobs}
-    check_settings(os.path.join(args.output_dir, "render.json"), manifest, write=rank == 0)
+    check_settings(os.path.join(args.output_dir, "render.json"), manifest, write=process == 0)
     barrier()
 
 
@@ -203,24 +203,24 @@ def main():
     args = parse_args()
     check_output_dir(args.output_dir)
     started = time.time()
-    rank, world = init_distributed()  # under torchrun each rank renders its own slice
+    process, world = init_distributed()  # under torchrun each process renders its own slice
     if world > 1 and args.device.startswith("cuda"):
         args.device = f"cuda:{torch.cuda.current_device()}"
-    pairs = prompt_pairs(args, rank)
+    pairs = prompt_pairs(args, process)
     if not pairs:
         fail("no prompt pairs to render")
     anchors = read_anchor_prompts(args)
-    if args.filter == "paper" and rank == 0:
+    if args.filter == "paper" and process == 0:
         check_paper_judge(args)
     # (file name, prompt, seed); a pair's loser and winner share their seed
     jobs = [job for p in pairs for job in zip(image_names(p["index"]), (p["unsafe_prompt"], p["safe_prompt"]),
                                               [args.seed + p["index"]] * 2)]
     jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
     image_dir = os.path.join(args.output_dir, "images")
-    check_resume(args, jobs, rank)
-    rendered = render(args, jobs[rank::world], image_dir)
+    check_render_resume(args, jobs, process)
+    rendered = render_missing(args, jobs[process::world], image_dir)
     barrier()
-    if rank != 0:  # rank 0 filters and writes
+    if process != 0:  # process 0 filters and writes
         return
     judge, ip_judge = args.filter, None
     if judge == "auto":

@@ -17,7 +17,8 @@ The paper's loss is Diffusion-DPO alone (`--preset release`: beta 5000, 20% empt
 model it saturates without changing what the model samples, so the toy default adds two terms,
 this repository's additions (docs/efficacy.md measures each):
   * winner SFT (--sft_weight): plainly denoise the winner under the unsafe prompt, which is what
-    makes the expert draw the safe counterpart instead of just anything but the loser;
+    moves sampling at all (at weight 10 the expert draws the winner's safe colour far more often,
+    but loses fidelity: docs/efficacy.md);
   * prior preservation (--anchor_weight; the DreamBooth term, diffusers' "prior preservation"):
     on anchor images (the model's own images of safe prompts, stage 1) the expert must predict
     what the reference predicts, so that it changes its concept and nothing else.
@@ -216,7 +217,7 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (the release: 4)")
     parser.add_argument("--alpha", type=positive_float, default=4, help="LoRA alpha (the release: 4)")
     parser.add_argument("--beta", type=positive_float, default=500, help="DPO KL weight (the release: 5000 on SD 1.5)")
-    parser.add_argument("--sft_weight", type=nonnegative_float, default=10.0,
+    parser.add_argument("--sft_weight", type=nonnegative_float, default=1.0,
                         help="weight of a denoising loss on the winner (0 = pure Diffusion-DPO, the release)")
     parser.add_argument("--anchor_weight", type=nonnegative_float, default=100.0,
                         help="weight of keeping the reference's prediction on anchor prompts (0: the release)")

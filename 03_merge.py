@@ -15,16 +15,15 @@ this repository's reading of it, for every LoRA layer:
 Baselines (peft's merge utilities on the same deltas): linear (the average), ties (TIES-merging),
 and cat (the sum, i.e. all experts stacked: exact at rank = the sum of their ranks).
 
-Distillation (--distill_steps; this repository's addition, not the paper's): Co-Merge keeps each
-expert only where it wins a weight, ~0.6 of it, too little to remove its concept, while the sum of
-all experts adds their side effects up (docs/efficacy.md). So after merging, the merged LoRA is
-trained briefly to be each expert where that expert is meant to act and the base model elsewhere:
-on each category's unsafe prompts it must predict what that category's expert predicts, on the
-anchor prompts (safe prompts, stage 1) what the reference (no LoRA) predicts. No preference pairs
-and no DPO: the experts' work is not redone, only combined.
+The repair (--repair_steps; this repository's addition, not the paper's): Co-Merge keeps each
+expert only where it wins a weight, ~0.6 of it, too little to remove its concept, and a merge scaled
+up to make up for it (--scale) drifts on safe prompts, because the experts' small side effects add
+up (docs/merging.md). So the scaled merge is then trained briefly with prior preservation alone, no
+preference pairs: on the anchor prompts it must predict what the reference predicts, on the unsafe
+prompts what the merge itself predicted.
 
-    python 03_merge.py experts/hate experts/violence ... --method comerge --output_dir merged/comerge
-    python 03_merge.py experts/* --method comerge --distill_steps 300 --output_dir merged/comerge-distilled
+    python 03_merge.py experts/toy/* --method comerge --output_dir merged/comerge
+    python 03_merge.py experts/toy/* --method comerge --scale 1.75 --repair_steps 800 --output_dir merged/comerge-repaired
 
 The output loads with plain `pipe.load_lora_weights(output_dir)`.
 """
@@ -66,8 +65,9 @@ def record_activations(args, pipe, dirs, factors, per_expert):
     activations = []
     for d, (_, pairs) in zip(tqdm(dirs, desc="recording activations"), per_expert):
         prompts = every if args.activation_prompts == "all" else sorted({p["unsafe_prompt"] for p in pairs})
-        prompts = random.Random(args.seed).sample(prompts, min(len(prompts), args.prompts_per_expert))
-        prompts = (prompts * args.prompts_per_expert)[:args.prompts_per_expert]  # few prompts: repeat them
+        if len(prompts) > args.prompts_per_expert:  # many (CoProV2: thousands): a seeded sample
+            prompts = sorted(random.Random(args.seed).sample(prompts, args.prompts_per_expert))
+        prompts = (prompts * args.prompts_per_expert)[:args.prompts_per_expert]  # few (the toy's 8): repeat them
         load_lora_into(pipe, d)
         sums, hooks = {}, []
         for name, module in pipe.unet.named_modules():
@@ -119,31 +119,33 @@ def factorize(merged, rank):
 
 
 # ---------------------------------------------------------------------------------------------
-# This repository's addition: distil the experts into the merged LoRA
+# This repository's addition: repair the merge with prior preservation
 # ---------------------------------------------------------------------------------------------
-def distill(args, pipe, layers, rank, per_expert, factors):
-    """Train the merged LoRA (starting at the merge) to be each category's expert on that
-    category's unsafe prompts and the reference on anchor prompts; returns its factors and a summary."""
+def repair(args, pipe, layers, rank, per_expert):
+    """Train the merged LoRA (starting at the merge, --scale included) on two terms, with the same
+    noise and timestep for both: on the anchor prompts (stage 1's images of every safe prompt) it must
+    predict what the reference (no LoRA) predicts, which undoes the experts' summed drift on safe
+    prompts; on the experts' unsafe prompts (noised winners and losers alike) it must predict what
+    the merge itself predicted, which keeps what the experts removed. No preference pairs, no DPO."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from torch.func import functional_call
     pairs = [p for pairs_csv, rows in per_expert for p in pair_images(rows, pairs_csv)]
-    owner = torch.tensor([e for e, (_, rows) in enumerate(per_expert) for _ in rows])  # each pair's expert
     anchor_files = sorted({anchors_csv(os.path.dirname(pairs_csv)) for pairs_csv, _ in per_expert})
     for path in anchor_files:
         if not os.path.exists(path):
-            fail(f"--distill_steps needs anchors: no {path} (stage 1 writes it)")
+            fail(f"--repair_steps needs anchors: no {path} (stage 1 writes it)")
     anchors = sorted({a for path in anchor_files for a in anchor_images(path)})
     if not anchors:
-        fail(f"--distill_steps needs anchors: {', '.join(anchor_files)} list none")
+        fail(f"--repair_steps needs anchors: {', '.join(anchor_files)} list none")
     data = encode_training_data(pipe, pairs, anchors)
     unet, scheduler = pipe.unet, pipe.scheduler
     params = add_lora(unet, rank, rank)  # alpha = rank: the factors carry the scale
     set_peft_model_state_dict(unet, layers)  # start at the merge (the inverse of what save_lora is given)
-    experts = expert_params(unet, factors, rank)
-    optimizer = torch.optim.AdamW(params, lr=args.distill_learning_rate)
+    merge = {name: p.detach().clone() for name, p in unet.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params, lr=args.repair_learning_rate)
 
     def draw(step):  # a per-step generator, like stage 2: the run is reproducible
-        g, n = step_generator(args.seed, step), args.distill_batch_size
+        g, n = step_generator(args.seed, step), args.repair_batch_size
         i, a = torch.randint(len(pairs), (n,), generator=g), torch.randint(len(anchors), (n,), generator=g)
         noise = torch.randn((n, *data.winners.shape[1:]), generator=g).to(args.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g).to(args.device)
@@ -151,58 +153,36 @@ def distill(args, pipe, layers, rank, per_expert, factors):
         unsafe = scheduler.add_noise(torch.where(winner, data.winners[i], data.losers[i]), noise, t)
         anchor = scheduler.add_noise(data.anchor_latents[a], noise, t)
         anchor_cond = anchor_condition(data, a, torch.rand(n, generator=g) < 0.5)
-        return unsafe, data.prompt_embeds[i], owner[i], anchor, anchor_cond, t
+        return unsafe, data.prompt_embeds[i], anchor, anchor_cond, t
 
     def errors(batch):
-        """(expert error, anchor drift): squared distance to each sample's expert on unsafe prompts,
-        to the reference on anchor prompts."""
-        unsafe, unsafe_cond, who, anchor, anchor_cond, t = batch
+        """(keep, drift): the LoRA's squared distance to the merge on unsafe prompts, to the
+        reference on anchor prompts."""
+        unsafe, unsafe_cond, anchor, anchor_cond, t = batch
         with torch.no_grad():
             reference = reference_prediction(unet, anchor, t, anchor_cond)
-            target = torch.empty_like(unsafe)
-            for e in who.unique().tolist():  # each expert on its own samples
-                m = who == e
-                target[m] = functional_call(unet, experts[e], (unsafe[m], t[m], unsafe_cond[m])).sample
+            merged = functional_call(unet, merge, (unsafe, t, unsafe_cond)).sample
         out_unsafe, out_anchor = unet(torch.cat([unsafe, anchor]), t.repeat(2),
                                       torch.cat([unsafe_cond, anchor_cond])).sample.chunk(2)
-        return F.mse_loss(out_unsafe, target), F.mse_loss(out_anchor, reference)
+        return F.mse_loss(out_unsafe, merged), F.mse_loss(out_anchor, reference)
 
-    held_out = draw(-1)  # one fixed batch, to report before and after
+    held_out = draw(-1)  # one fixed batch, to report the drift before and after
     with torch.no_grad():
-        before = [e.item() for e in errors(held_out)]
-    for step in tqdm(range(args.distill_steps), desc="distilling the experts"):
-        expert_error, drift = errors(draw(step))
-        loss = args.expert_weight * expert_error + args.anchor_weight * drift
+        drift_before = errors(held_out)[1].item()
+    for step in tqdm(range(args.repair_steps), desc="repairing the merge"):
+        keep, drift = errors(draw(step))
+        loss = args.keep_weight * keep + args.anchor_weight * drift
         if not math.isfinite(loss.item()):
-            fail(f"distillation loss is {loss.item()} at step {step}; nothing was written")
+            fail(f"repair loss is {loss.item()} at step {step}; nothing was written")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        after = [e.item() for e in errors(held_out)]
-    return get_peft_model_state_dict(unet), {
-        "steps": args.distill_steps, "learning_rate": args.distill_learning_rate, "expert_weight": args.expert_weight,
-        "anchor_weight": args.anchor_weight, "expert_error_before": before[0], "expert_error_after": after[0],
-        "anchor_drift_before": before[1], "anchor_drift_after": after[1]}
-
-
-def expert_params(unet, factors, rank):
-    """Each expert's factors zero-padded to the merged rank, under the names of the merged LoRA's
-    parameters: functional_call(unet, expert_params(...)[e], ...) runs expert e alone."""
-    names = {name for name, p in unet.named_parameters() if p.requires_grad}
-    experts = []
-    for layers in factors:
-        params = {}
-        for layer, (a, b) in layers.items():
-            stem = layer.removeprefix("unet.")
-            padded_a, padded_b = a.new_zeros(rank, a.shape[1]), b.new_zeros(b.shape[0], rank)
-            padded_a[:len(a)], padded_b[:, :len(a)] = a, b
-            params[stem + ".lora_A.default.weight"] = padded_a.to(unet.device)
-            params[stem + ".lora_B.default.weight"] = padded_b.to(unet.device)
-        if set(params) != names:
-            fail("the experts' layers do not match the merged LoRA's; were they trained on this model?")
-        experts.append(params)
-    return experts
+        keep, drift = (e.item() for e in errors(held_out))
+    return get_peft_model_state_dict(unet), {"steps": args.repair_steps, "learning_rate": args.repair_learning_rate,
+                                             "anchor_weight": args.anchor_weight, "keep_weight": args.keep_weight,
+                                             "anchor_drift_before": drift_before, "anchor_drift_after": drift,
+                                             "keep_error_after": keep}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +194,7 @@ def parse_args():
     parser.add_argument("--method", choices=["comerge", "linear", "ties", "cat"], default="comerge")
     parser.add_argument("--model", help="the base model (default: the one the experts were trained on)")
     parser.add_argument("--data", help="stage 1 folder whose pairs.csv prompts drive the activations and the "
-                        "distillation (default: the pair CSV each expert was trained on)")
+                        "repair (default: the pair CSV each expert was trained on)")
     parser.add_argument("--leave_out", nargs="*", default=[], metavar="CATEGORY",
                         help="categories of the pair CSV deliberately merged without an expert")
     parser.add_argument("--rank", type=positive_int, help="rank of the merged LoRA (default: the experts' ranks summed)")
@@ -225,14 +205,14 @@ def parse_args():
     parser.add_argument("--prompts_per_expert", type=positive_int, default=16,
                         help="co-merge: a seeded random sample of this many unsafe prompts per expert")
     parser.add_argument("--steps", type=positive_int, default=10, help="co-merge: sampling steps while recording")
-    parser.add_argument("--distill_steps", type=nonnegative_int, default=0,
-                        help="after merging: steps of distilling the experts into the merged LoRA (0: none)")
-    parser.add_argument("--distill_learning_rate", type=positive_float, default=1e-3)
-    parser.add_argument("--distill_batch_size", type=positive_int, default=16)
-    parser.add_argument("--expert_weight", type=nonnegative_float, default=100.0,
-                        help="distillation: weight of predicting each category's expert on its unsafe prompts")
+    parser.add_argument("--repair_steps", type=nonnegative_int, default=0,
+                        help="after merging: steps of prior preservation on the merged LoRA (0: none)")
+    parser.add_argument("--repair_learning_rate", type=positive_float, default=1e-3)
+    parser.add_argument("--repair_batch_size", type=positive_int, default=16)
     parser.add_argument("--anchor_weight", type=nonnegative_float, default=300.0,
-                        help="distillation: weight of predicting the reference on anchor prompts")
+                        help="repair: weight of predicting the reference on anchor prompts")
+    parser.add_argument("--keep_weight", type=nonnegative_float, default=100.0,
+                        help="repair: weight of keeping the merge's prediction on the unsafe prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", help="default: merged/<method>")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -306,7 +286,7 @@ def main():
     check_every_category(args, infos)
     rank = args.rank or sum(i["rank"] for i in infos)
     model = args.model or infos[0]["base_model"]
-    if args.method == "comerge" or args.distill_steps:
+    if args.method == "comerge" or args.repair_steps:
         pipe = load_pipeline(model, args.device)
         per_expert = expert_pairs(args, infos, args.experts)
     if args.method == "comerge":
@@ -318,11 +298,10 @@ def main():
     info = {"base_model": infos[0]["base_model"], "category": "merged", "method": args.method, "scale": args.scale,
             "activation_prompts": args.activation_prompts, "experts": args.experts, "relative_error": error,
             "toy_taxonomy": infos[0].get("toy_taxonomy")}
-    if args.distill_steps:
-        layers, info["distill"] = distill(args, pipe, layers, rank, per_expert, factors)
-        d = info["distill"]
-        print(f"03 distill: error to the experts {d['expert_error_before']:.2e} -> {d['expert_error_after']:.2e}, "
-              f"anchor drift {d['anchor_drift_before']:.2e} -> {d['anchor_drift_after']:.2e} in {args.distill_steps} steps")
+    if args.repair_steps:
+        layers, info["repair"] = repair(args, pipe, layers, rank, per_expert)
+        print(f"03 repair: anchor drift {info['repair']['anchor_drift_before']:.2e} -> "
+              f"{info['repair']['anchor_drift_after']:.2e} in {args.repair_steps} steps")
     save_lora(args.output_dir, layers, rank, rank, info)  # alpha = rank: the factors carry the scale
     print(f"03 merge ({args.method}): {len(infos)} experts -> rank {rank}, relative reconstruction error "
           f"{error:.4f}, {time.time() - started:.0f}s -> {args.output_dir}")

@@ -33,7 +33,7 @@ numbers and grid row are kept in <output_dir>/variants/ as it finishes, so a rer
 interruption (or with more --lora) renders only what is missing.
 Several GPUs: `torchrun --nproc_per_node 8 04_evaluate.py ...`: each process renders a disjoint
 slice of every variant's images (same seeds, so the same results) into the shared <output_dir>
-(one machine); rank 0 judges and writes.
+(one machine); process 0 judges and writes.
 """
 import argparse
 import hashlib
@@ -115,12 +115,12 @@ def test_prompts(args):
     return repeat(unsafe, args.eval_seed), repeat(safe, args.eval_seed + 10**6)
 
 
-def render(args, pipe, items, prefix, rank=0, world=1):
+def render_items(args, pipe, items, prefix, process=0, world=1):
     """Images for items, grouped by guidance scale (published sets may give one per prompt), each
-    written to f"{prefix}{item number:06d}.png" as its batch is done. Under torchrun each rank
-    renders items[rank::world]. Rank 0 gets back every image's path and whether it came out NaN,
+    written to f"{prefix}{item number:06d}.png" as its batch is done. Under torchrun each process
+    renders items[process::world]. Process 0 gets back every image's path and whether it came out NaN,
     once all ranks are done; the others None."""
-    mine = items[rank::world]
+    mine = items[process::world]
     paths = [f"{prefix}{i:06d}.png" for i in range(len(items))]
     nan = [False] * len(mine)
     for guidance in sorted({item["guidance"] for item in mine}):
@@ -132,24 +132,24 @@ def render(args, pipe, items, prefix, rank=0, world=1):
                                       return_nan=True)
             for i, image, is_nan in zip(batch, out, nan_flags):
                 nan[i] = is_nan
-                path = paths[rank + i * world]
+                path = paths[process + i * world]
                 atomic_write(path, lambda tmp, im=image: Image.fromarray(im).save(tmp))
     if world > 1:
-        nan = gather(nan, len(items), rank, world)  # also waits until every rank has written its images
-    return (paths, nan) if rank == 0 else None
+        nan = gather(nan, len(items), process, world)  # also waits until every process has written its images
+    return (paths, nan) if process == 0 else None
 
 
 def read_images(paths):
     return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 
 
-def gather(share, total, rank, world):
-    """Rank 0 puts every rank's share (items[r::world]) back in item order. (With NCCL the pickled
-    objects pass through rank 0's GPU memory: world x one share.)"""
+def gather(share, total, process, world):
+    """Process 0 puts every process's share (items[r::world]) back in item order. (With NCCL the pickled
+    objects pass through process 0's GPU memory: world x one share.)"""
     import torch.distributed as dist
-    shares = [None] * world if rank == 0 else None
+    shares = [None] * world if process == 0 else None
     dist.gather_object(share, shares, dst=0)
-    if rank != 0:
+    if process != 0:
         return None
     images = [None] * total
     for r, images_of_r in enumerate(shares):
@@ -157,13 +157,13 @@ def gather(share, total, rank, world):
     return images
 
 
-def score_variant(args, pipe, unsafe, safe, judges, rank=0, world=1, image_dir=None):
+def score_variant(args, pipe, unsafe, safe, judges, process=0, world=1, image_dir=None):
     """Render into image_dir, then judge the images read back from it, JUDGE_CHUNK at a time. A NaN
     image counts as unsafe (IP, own concept) and as failing its safe prompt (fidelity 0)."""
     os.makedirs(image_dir, exist_ok=True)
-    rendered = render(args, pipe, unsafe, os.path.join(image_dir, "unsafe_"), rank, world)
-    rendered_safe = render(args, pipe, safe, os.path.join(image_dir, "safe_"), rank, world)
-    if rank != 0:  # rank 0 judges every image
+    rendered = render_items(args, pipe, unsafe, os.path.join(image_dir, "unsafe_"), process, world)
+    rendered_safe = render_items(args, pipe, safe, os.path.join(image_dir, "safe_"), process, world)
+    if process != 0:  # process 0 judges every image
         return None, None
     (unsafe_images, unsafe_nan), (safe_images, safe_nan) = rendered, rendered_safe
     chunks = lambda n: [slice(i, i + JUDGE_CHUNK) for i in range(0, n, JUDGE_CHUNK)]
@@ -320,7 +320,7 @@ def labelled_grid(rows, row_labels, column_labels):
     return canvas
 
 
-def toy_taxonomy(args, infos):
+def evaluation_taxonomy(args, infos):
     """The toy taxonomy size to evaluate on: the LoRAs' own (stage 2 records it), so that a concept
     trained as unsafe is never scored as a safe prompt."""
     trained = {info.get("toy_taxonomy") for info in infos} - {None}
@@ -369,9 +369,9 @@ def main():
     started = time.time()
     variants, infos = read_variants(args)
     if args.judge == "toy":
-        args.concepts_per_category = toy_taxonomy(args, infos)
+        args.concepts_per_category = evaluation_taxonomy(args, infos)
     unsafe, safe = test_prompts(args)
-    rank, world = init_distributed()  # under torchrun each rank renders a slice of every variant
+    process, world = init_distributed()  # under torchrun each process renders a slice of every variant
     if world > 1 and args.device.startswith("cuda"):
         args.device = f"cuda:{torch.cuda.current_device()}"
     dtype = inference_dtype(args.device)
@@ -382,7 +382,7 @@ def main():
         if path and os.path.exists(os.path.join(path, "lora.json")):
             check_lora_fits(pipe.unet, path)
     judges = {}
-    if args.judge == "paper" and rank == 0:  # Q16 + NudeNet for IP, CLIPScore for quality (realworld.py)
+    if args.judge == "paper" and process == 0:  # Q16 + NudeNet for IP, CLIPScore for quality (realworld.py)
         import realworld
         try:
             judges = {"ip": realworld.load_ip_judge(args.clip_model, args.q16_prompts, use_nudenet=not args.no_nudenet,
@@ -401,21 +401,21 @@ def main():
             if path:
                 load_lora_into(pipe, path)
             try:
-                results[name], row = score_variant(args, pipe, unsafe, safe, judges, rank, world, image_dir=os.path.join(
+                results[name], row = score_variant(args, pipe, unsafe, safe, judges, process, world, image_dir=os.path.join(
                     args.output_dir, "images", urllib.parse.quote(name, safe="")))
             except ValueError as error:  # e.g. a prompt set without safe prompts
                 fail(str(error).splitlines()[0])
             if path:
                 pipe.unload_lora_weights()
-            if rank == 0:
+            if process == 0:
                 atomic_write(stem + ".png", lambda tmp, row=row: Image.fromarray(row).save(tmp))
                 write_json(stem + ".json", {"settings": settings, "result": results[name]})
         rows.append(row)
-        if rank == 0:
+        if process == 0:
             nan = results[name].get("nan_images", 0)
             print(f"  {name}: IP {results[name]['ip']:.3f}, fidelity {results[name]['fidelity']:.3f}"
                   + (f", {nan} NaN images (judged unsafe)" if nan else "") + (" (from an earlier run)" if done else ""))
-    if rank != 0:  # rank 0 writes the results
+    if process != 0:  # process 0 writes the results
         return
     write_json(os.path.join(args.output_dir, "results.json"),
                {"settings": vars(args), "unsafe_images": len(unsafe), "safe_images": len(safe), "results": results,

@@ -1,36 +1,39 @@
 #!/usr/bin/env bash
-# The main job: SafetyDPO's four stages on the toy model, end to end, on a CPU.
-# Every stage is resumable: rerun this script after an interruption and it picks up where it stopped.
+# The main job: SafetyDPO's four stages on the toy model, end to end, on a CPU (README, "The main job").
+# Resumable: rerun it after an interruption and it picks up where it stopped.
+#   bash run_toy.sh          # seed 0 -> data/toy, experts/toy, merged/toy, results/toy
+#   bash run_toy.sh 1        # another run of the whole pipeline (new pairs, training draws, test seeds)
 set -euo pipefail
 cd "$(dirname "$0")"
-CATEGORIES=(Hate Harassment Violence Self-harm Sexual Shocking "Illegal Activity")
+SEED=${1:-0}
+RUN=toy$([ "$SEED" = 0 ] || echo "-seed$SEED")
+CATEGORIES=(hate harassment violence self-harm sexual shocking illegal-activity)
 
-python 01_generate_data.py --output_dir data/toy                      # CoProV2-style pairs
+# 1. CoProV2-style pairs (and the anchors: the model's own images of every safe prompt)
+python 01_generate_data.py --output_dir data/$RUN --seed $((SEED * 100000))
 
-# One LoRA on all pairs (the release's recipe, the baseline) trains beside the seven experts, each
-# side on half the cores: it has exactly their compute (7 x 150 steps), and the toy UNet is too
-# small for one training to keep all cores busy, so two side by side finish sooner (1.25x, README).
+# 2. One safety expert per category, all in one process. Beside them, on the other core, the
+#    baseline: one LoRA on all pairs (the release trains one LoRA), with the experts' compute (7 x 150 steps).
 export OMP_NUM_THREADS=$(python -c "import os; print(max(1, (os.cpu_count() or 2) // 2))")
-mkdir -p experts
-python 02_train_expert.py --data data/toy --category all --output_dir experts/all \
-  --max_train_steps $((150 * ${#CATEGORIES[@]})) > experts/all.log 2>&1 &
+mkdir -p experts/$RUN
+python 02_train_expert.py --data data/$RUN --category all --output_dir experts/$RUN/all-data \
+  --max_train_steps 1050 --seed $SEED > experts/$RUN/all-data.log 2>&1 &
 all_data=$!
 trap 'kill $all_data 2>/dev/null || true' EXIT                         # stopped with this script
-experts=()
-for category in "${CATEGORIES[@]}"; do                                # one safety expert per category
-  dir="experts/$(echo "$category" | tr 'A-Z ' 'a-z-')"
-  python 02_train_expert.py --data data/toy --category "$category" --output_dir "$dir"
-  experts+=("$dir")
-done
-echo "waiting for the all-data LoRA (progress: experts/all.log)"
-wait $all_data || { tail -n 1 experts/all.log; exit 1; }
-trap - EXIT                                                           # it has ended: nothing left to stop
-tail -n 1 experts/all.log
-unset OMP_NUM_THREADS                                                 # from here on, one job at a time
+python 02_train_expert.py --data data/$RUN --category each --output_dir experts/$RUN --seed $SEED
+echo "waiting for the all-data LoRA (progress: experts/$RUN/all-data.log)"
+wait $all_data || { tail -n 1 experts/$RUN/all-data.log; exit 1; }
+trap - EXIT
+tail -n 1 experts/$RUN/all-data.log
+unset OMP_NUM_THREADS
 
-python 03_merge.py "${experts[@]}" --method comerge --data data/toy --output_dir merged/comerge
-# Co-Merge scaled up, then repaired with prior preservation (not in the paper; README, "Repairing the merge")
-python 03_merge.py "${experts[@]}" --method comerge --data data/toy --scale 1.75 --repair_steps 800 \
-  --output_dir merged/comerge-repaired
-python 04_evaluate.py --lora co-merge=merged/comerge co-merge+repair=merged/comerge-repaired all-data=experts/all \
-  --output_dir results/toy
+# 3. Merge the seven experts: Co-Merge as the paper describes it; then (this repository's addition)
+#    Co-Merge scaled up and repaired with prior preservation (03_merge.py's docstring)
+experts=("${CATEGORIES[@]/#/experts/$RUN/}")
+python 03_merge.py "${experts[@]}" --method comerge --output_dir merged/$RUN/comerge
+python 03_merge.py "${experts[@]}" --method comerge --scale 1.75 --repair_steps 800 --output_dir merged/$RUN/comerge-repaired \
+  --seed $SEED
+
+# 4. Base model against the merges and the baseline, on test prompts and seeds that training never saw
+python 04_evaluate.py --lora co-merge=merged/$RUN/comerge co-merge+repair=merged/$RUN/comerge-repaired \
+  all-data=experts/$RUN/all-data --output_dir results/$RUN --eval_seed $((2000000 + SEED * 100000))

@@ -33,10 +33,9 @@ from common import atomic_write, write_json, write_text
 
 CATEGORIES = list(toyworld.CATEGORIES)
 MERGES = ["comerge", "linear", "ties", "cat"]
-# Co-Merge variants that the paper's description allows (03_merge.py flags), at the main scale
-COMERGE_VARIANTS = {"comerge:rows": ["--select", "row"], "comerge:layers": ["--select", "module"],
-                    "comerge:A,B": ["--select", "factors"], "comerge:rms": ["--statistic", "rms"],
-                    "comerge:rank 4": ["--rank", "4"], "comerge:x1.5": ["--scale", "1.5"]}
+# Co-Merge variants that the paper's description allows, at the main scale
+COMERGE_VARIANTS = {"comerge:all inputs": ["--activation_prompts", "all"], "comerge:rank 4": ["--rank", "4"],
+                    "comerge:x1.5": ["--scale", "1.5"]}
 SCALING_VARIANTS = ("base", "all-data", "comerge", "comerge+repair")  # evaluated at every size
 REPAIR = ["--scale", "1.75", "--repair_steps", "800"]  # run_toy.sh's setting, not tuned for the study
 
@@ -137,7 +136,7 @@ def comerge_variants(args, seed, work, experts, data):
     if not evaluated(result_file, COMERGE_VARIANTS):
         variants = {}
         for name, flags in COMERGE_VARIANTS.items():
-            out = os.path.join(work, "merged", name.replace(":", "-").replace(",", "").replace(" ", ""))
+            out = os.path.join(work, "merged", name.replace(":", "-").replace(" ", ""))
             variants[name] = merge(experts, data, out, "--method", "comerge", *flags)
         stage("04_evaluate.py", "--concepts_per_category", args.main_scale, "--seeds_per_prompt", args.seeds_per_prompt,
               "--output_dir", os.path.dirname(result_file), "--eval_seed", 2_000_000 + seed * 100_000,

@@ -148,7 +148,7 @@ def shape_mask(shape, side, x0, y0, size=SIZE):
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(colour, shape, background, rng):
+def draw(colour, shape, background, rng):
     """One uint8 HxWx3 image: random size and position, 2-pixel background margin for the judge."""
     side = int(rng.integers(12, 23))
     x0, y0 = (int(v) for v in rng.integers(2, SIZE - 2 - side + 1, size=2))
@@ -276,7 +276,7 @@ def draw_batch(rng, batch_size, triples=TRAIN_TRIPLES, empty_share=0.1):
     images, prompts = [], []
     for _ in range(batch_size):
         colour, shape, background = triples[rng.integers(len(triples))]
-        images.append(render(colour, shape, background, rng))
+        images.append(draw(colour, shape, background, rng))
         template = int(rng.integers(len(TEMPLATES)))
         prompts.append("" if rng.random() < empty_share else prompt(colour, shape, background, template))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -12,7 +12,7 @@ def test_judge_reads_renders_exactly():
     hits, n = 0, 2000
     for _ in range(n):
         triple = tw.ALL_TRIPLES[rng.integers(len(tw.ALL_TRIPLES))]
-        found = tw.read_image(tw.render(*triple, rng))
+        found = tw.read_image(tw.draw(*triple, rng))
         hits += (found["colour"], found["shape"], found["background"]) == triple
     assert hits / n >= 0.99
 
