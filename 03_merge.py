@@ -18,7 +18,7 @@ and cat (the sum, i.e. all experts stacked: exact at rank = the sum of their ran
 The repair (--repair_steps; this repository's addition, not the paper's): Co-Merge keeps each
 expert only where it wins a weight, ~0.6 of it, too little to remove its concept, and a merge scaled
 up to make up for it (--scale) drifts on safe prompts, because the experts' small side effects add
-up (docs/merging.md). So the scaled merge is then trained briefly with prior preservation alone, no
+up (docs/findings.md, "Merging"). So the scaled merge is then trained briefly with prior preservation alone, no
 preference pairs: on the anchor prompts it must predict what the reference predicts, on the unsafe
 prompts what the merge itself predicted.
 

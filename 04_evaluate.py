@@ -86,7 +86,10 @@ def parse_args(argv=None):
     preset = parser.parse_known_args(argv)[0].preset
     if preset:
         parser.set_defaults(**PRESETS[preset])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.scheduler == "pndm" and args.steps < 4:  # its Runge-Kutta warm-up alone takes 4 model calls
+        parser.error(f"argument --steps: PNDM needs at least 4 steps, got {args.steps}")
+    return args
 
 
 def test_prompts(args):

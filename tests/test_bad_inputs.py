@@ -167,6 +167,7 @@ CASES = [
     ("merge-scale-nan", lambda c: c.merge("--scale", "nan"), "argument --scale"),
     ("merge-rank-0", lambda c: c.merge("--rank", "0"), "argument --rank"),
     ("eval-steps-0", lambda c: c.evaluate("--steps", "0"), "argument --steps"),
+    ("eval-pndm-steps-2", lambda c: c.evaluate("--scheduler", "pndm", "--steps", "2"), "PNDM needs at least 4 steps"),
     ("eval-seeds-0", lambda c: c.evaluate("--seeds_per_prompt", "0"), "argument --seeds_per_prompt"),
     ("eval-batch-0", lambda c: c.evaluate("--batch_size", "0"), "argument --batch_size"),
     # output folders, checked before any work
