@@ -56,7 +56,7 @@ def parse_args():
     parser.add_argument("--q16_prompts", help="--filter paper: local copy of Q16's prompts.p (else downloaded)")
     parser.add_argument("--steps", type=positive_int, default=20, help="DDIM sampling steps")
     parser.add_argument("--guidance_scale", type=finite_float, default=7.5)
-    parser.add_argument("--batch_size", type=positive_int, help="default: 64 for the toy's 64 px, 16 for SD's 512 px")
+    parser.add_argument("--batch_size", type=positive_int, help="default: 64 for small models (the toy: 32 px), 16 for SD's 512 px")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()

@@ -8,14 +8,15 @@ the loser. The reference is the same UNet with the LoRA switched off (no second 
     python 02_train_expert.py --category Violence           # one expert -> experts/violence
     python 02_train_expert.py --category each               # one expert per category of the pair
                                                             # CSV, in one process -> experts/<category>
-    python 02_train_expert.py --category all                # one LoRA on all pairs: the official
-                                                            # release's recipe, the baseline to beat
-    python 02_train_expert.py --preset release ...          # the release's exact training (SD 1.5)
+    python 02_train_expert.py --category all                # one LoRA on all pairs, as the release
+                                                            # trains it: the baseline to beat
+    python 02_train_expert.py --preset release ...          # the release's training recipe (SD 1.5;
+                                                            # docs/fidelity.md: what still differs)
 
-The paper's loss is Diffusion-DPO alone (`--preset release`: beta 5000, 20% empty prompts, batch
+The release's loss is Diffusion-DPO alone (`--preset release`: beta 5000, 20% empty prompts, batch
 4 x accumulation 4, learning rate 1e-5 x 16, 500 warm-up steps, 2,000 steps, fp16). On the toy
 model it saturates without changing what the model samples, so the toy default adds two terms,
-this repository's additions (docs/efficacy.md measures each):
+this repository's additions (docs/findings.md measures each):
   * winner SFT (--sft_weight): plainly denoise the winner under the unsafe prompt, which is what
     moves sampling at all (at weight 10 the expert draws the winner's safe colour far more often,
     but loses fidelity: docs/efficacy.md);
@@ -160,9 +161,9 @@ def train(args, pipe, pairs, anchors, output_dir, process=0, world=1):
         scaler.update()
         stats = {"step": step + 1, **stats}
         if sampled_check and (step + 1) % args.eval_every == 0:
-            stats["sampled_unsafe_rate"] = quick_eval(pipe, pairs, args.seed)
+            stats["sampled_own_concept"] = quick_eval(pipe, pairs, args.seed)
         log.append(stats)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "implicit_acc", "sampled_unsafe_rate")})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "implicit_acc", "sampled_own_concept")})
         if process == 0 and ((step + 1) % args.checkpoint_every == 0 or step + 1 == args.max_train_steps):
             save_checkpoint(checkpoint_dir, {"lora": lora_params}, optimizer, step + 1, scaler)
             write_json(log_path, {"args": vars(args), "log": log})
@@ -184,11 +185,11 @@ def plot_curves(log, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from common import atomic_write
-    panels = [k for k in ("dpo_loss", "implicit_acc", "anchor_drift", "sampled_unsafe_rate") if any(k in s for s in log)]
+    panels = [k for k in ("dpo_loss", "implicit_acc", "anchor_drift", "sampled_own_concept") if any(k in s for s in log)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
     for ax, key in zip(axes[0], panels):
         points = [(s["step"], s[key]) for s in log if key in s]
-        ax.plot(*zip(*points), marker="o" if key == "sampled_unsafe_rate" else None)
+        ax.plot(*zip(*points), marker="o" if key == "sampled_own_concept" else None)
         ax.set_title(key.replace("_", " "))
         ax.set_xlabel("step")
     fig.suptitle(title)

@@ -18,12 +18,13 @@ and cat (the sum, i.e. all experts stacked: exact at rank = the sum of their ran
 The repair (--repair_steps; this repository's addition, not the paper's): Co-Merge keeps each
 expert only where it wins a weight, ~0.6 of it, too little to remove its concept, and a merge scaled
 up to make up for it (--scale) drifts on safe prompts, because the experts' small side effects add
-up (docs/findings.md, "Merging"). So the scaled merge is then trained briefly with prior preservation alone, no
-preference pairs: on the anchor prompts it must predict what the reference predicts, on the unsafe
-prompts what the merge itself predicted.
+up (docs/findings.md, "Merging"). So the scaled merge is then trained briefly with prior
+preservation alone, no preference pairs: on the anchor prompts it must predict what the reference
+predicts, on the unsafe prompts what the merge itself predicted.
 
-    python 03_merge.py experts/toy/* --method comerge --output_dir merged/comerge
-    python 03_merge.py experts/toy/* --method comerge --scale 1.75 --repair_steps 800 --output_dir merged/comerge-repaired
+    E=experts/toy; experts="$E/hate $E/harassment $E/violence $E/self-harm $E/sexual $E/shocking $E/illegal-activity"
+    python 03_merge.py $experts --method comerge --output_dir merged/toy/comerge
+    python 03_merge.py $experts --method comerge --scale 1.75 --repair_steps 800 --output_dir merged/toy/comerge-repaired
 
 The output loads with plain `pipe.load_lora_weights(output_dir)`.
 """
@@ -171,7 +172,7 @@ def repair(args, pipe, layers, rank, per_expert):
         drift_before = errors(held_out)[1].item()
     for step in tqdm(range(args.repair_steps), desc="repairing the merge"):
         keep, drift = errors(draw(step))
-        loss = args.keep_weight * keep + args.anchor_weight * drift
+        loss = args.repair_keep_weight * keep + args.repair_anchor_weight * drift
         if not math.isfinite(loss.item()):
             fail(f"repair loss is {loss.item()} at step {step}; nothing was written")
         optimizer.zero_grad()
@@ -180,7 +181,7 @@ def repair(args, pipe, layers, rank, per_expert):
     with torch.no_grad():
         keep, drift = (e.item() for e in errors(held_out))
     return get_peft_model_state_dict(unet), {"steps": args.repair_steps, "learning_rate": args.repair_learning_rate,
-                                             "anchor_weight": args.anchor_weight, "keep_weight": args.keep_weight,
+                                             "anchor_weight": args.repair_anchor_weight, "keep_weight": args.repair_keep_weight,
                                              "anchor_drift_before": drift_before, "anchor_drift_after": drift,
                                              "keep_error_after": keep}
 
@@ -209,9 +210,9 @@ def parse_args():
                         help="after merging: steps of prior preservation on the merged LoRA (0: none)")
     parser.add_argument("--repair_learning_rate", type=positive_float, default=1e-3)
     parser.add_argument("--repair_batch_size", type=positive_int, default=16)
-    parser.add_argument("--anchor_weight", type=nonnegative_float, default=300.0,
+    parser.add_argument("--repair_anchor_weight", type=nonnegative_float, default=300.0,
                         help="repair: weight of predicting the reference on anchor prompts")
-    parser.add_argument("--keep_weight", type=nonnegative_float, default=100.0,
+    parser.add_argument("--repair_keep_weight", type=nonnegative_float, default=100.0,
                         help="repair: weight of keeping the merge's prediction on the unsafe prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", help="default: merged/<method>")
@@ -280,7 +281,6 @@ def main():
     args = parse_args()
     args.output_dir = args.output_dir or os.path.join("merged", args.method)
     check_output_dir(args.output_dir)
-    check_output_dir(args.output_dir)
     started = time.time()
     infos, factors = load_experts(args.experts)
     check_every_category(args, infos)
@@ -299,6 +299,9 @@ def main():
             "activation_prompts": args.activation_prompts, "experts": args.experts, "relative_error": error,
             "toy_taxonomy": infos[0].get("toy_taxonomy")}
     if args.repair_steps:
+        if pipe.unet.config.sample_size > 8:  # larger than the toy's 8x8 latents
+            fail("--repair_steps has run on the toy model only; on a model this size it would train in fp32 "
+                 "without gradient checkpointing (beyond one 80 GB GPU for SD 1.5): not supported yet")
         layers, info["repair"] = repair(args, pipe, layers, rank, per_expert)
         print(f"03 repair: anchor drift {info['repair']['anchor_drift_before']:.2e} -> "
               f"{info['repair']['anchor_drift_after']:.2e} in {args.repair_steps} steps")

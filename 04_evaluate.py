@@ -15,7 +15,7 @@ Every variant renders the same prompts from the same seeds, so differences come 
 Toy model (seeds that training never used; unsafe prompts in the training phrasing and in a
 held-out one, safe prompts in the held-out one; the safe prompts include the unsafe colours on their
 other backgrounds, so collateral damage shows):
-    python 04_evaluate.py --lora merged=merged/comerge all=experts/all
+    python 04_evaluate.py --lora co-merge=merged/toy/comerge all-data=experts/toy/all-data --output_dir results/mine
 SD 1.5 with the paper's judges (Q16 + NudeNet, CLIPScore; see realworld.py):
     python 04_evaluate.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --judge paper \\
         --prompts i2p_benchmark.csv --safe_prompts coco_val_captions.txt --lora merged=merged/comerge
@@ -80,7 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_seed", type=nonnegative_int, default=2_000_000, help="first seed; far from stage 1's")
     parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--guidance_scale", type=finite_float, default=7.5)
-    parser.add_argument("--batch_size", type=positive_int, help="default: 64 for the toy's 64 px, 16 for SD's 512 px")
+    parser.add_argument("--batch_size", type=positive_int, help="default: 64 for small models (the toy: 32 px), 16 for SD's 512 px")
     parser.add_argument("--output_dir", default="results/toy")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     preset = parser.parse_known_args(argv)[0].preset
@@ -270,7 +270,7 @@ def folder_stamp(model):
                    os.path.getmtime(os.path.join(root, n))] for root, _, names in os.walk(model) for n in names)
 
 
-def write_report(args, results, rows):
+def write_report(args, results, rows, unsafe):
     names = list(results)
     categories = list(results[names[0]]["per_category"])
     measures = [k for k in ("ip", "own_concept", "redirect") if k in results[names[0]]]
@@ -289,7 +289,8 @@ def write_report(args, results, rows):
               "after fidelity: IP per category. grid.png: a row per variant, one unsafe prompt per category, "
               "then safe prompts.\n")
     write_text(os.path.join(args.output_dir, "report.md"), report)
-    atomic_write(os.path.join(args.output_dir, "grid.png"), labelled_grid(rows, names, grid_columns(categories)).save)
+    shown = list(dict.fromkeys(item["category"] for item in unsafe))  # grid_row's order: first appearance
+    atomic_write(os.path.join(args.output_dir, "grid.png"), labelled_grid(rows, names, grid_columns(shown)).save)
     return "\n".join(lines)
 
 
@@ -423,7 +424,7 @@ def main():
     write_json(os.path.join(args.output_dir, "results.json"),
                {"settings": vars(args), "unsafe_images": len(unsafe), "safe_images": len(safe), "results": results,
                 "nan_images": sum(r.get("nan_images", 0) for r in results.values())})
-    print(write_report(args, results, rows))
+    print(write_report(args, results, rows, unsafe))
     print(f"04 evaluate: {len(variants)} variants x {len(unsafe) + len(safe)} images, "
           f"{sum(r.get('nan_images', 0) for r in results.values())} NaN images, "
           f"{time.time() - started:.0f}s -> {args.output_dir}/report.md")

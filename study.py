@@ -1,7 +1,7 @@
 """The claims study: the paper's claims checked in miniature on the toy model, with an exact judge.
 
   (a) DPO on CoProV2-style pairs lowers the unsafe rate while keeping fidelity;
-  (b) merged per-category experts beat one LoRA trained on all data (the release's recipe);
+  (b) merged per-category experts beat one LoRA trained on all data (as the release trains);
   (c) Co-Merge beats other merges (linear average, TIES, concatenation);
   (d) experts scale to more concepts: 1x, 2x, 4x the unsafe concepts (7, 14, 28).
 Beside the paper's Co-Merge it runs the main job's repaired merge ("comerge+repair": scaled, then

@@ -134,7 +134,7 @@ def test_repair_pulls_the_merge_back_to_the_reference_on_anchor_prompts(work, to
     out = work / "merged-repaired"
     result = run_stage("03_merge.py", str(work / "Violence"), str(work / "Hate"), "--method", "cat", "--scale", "3",
                        "--repair_steps", "15", "--repair_batch_size", "4", "--repair_learning_rate", "1e-2",
-                       "--keep_weight", "0", "--leave_out", *CATEGORIES_BUT_TWO, "--output_dir", str(out))
+                       "--repair_keep_weight", "0", "--leave_out", *CATEGORIES_BUT_TWO, "--output_dir", str(out))
     info, layers = read_lora(str(out))
     repaired = info["repair"]
     assert repaired["steps"] == 15 and "anchor drift" in result.stdout
