@@ -36,32 +36,6 @@ from common import (anchors_csv, atomic_write, barrier, check_output_dir, check_
                     positive_int, read_json, read_pairs, slice_vae, write_anchors, write_json, write_pairs)
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
-    parser.add_argument("--output_dir", default="data/toy")
-    source = parser.add_mutually_exclusive_group()  # default: the toy taxonomy
-    source.add_argument("--csv", help="official CoProV2 CSV (prompt,image,category) to take prompts from")
-    source.add_argument("--llm", help="transformers text-generation model that writes the prompts")
-    parser.add_argument("--concepts", help="JSON {category: [concept, ...]} for --llm")
-    parser.add_argument("--concepts_per_category", type=int, default=2, choices=[1, 2, 3, 4], help="toy taxonomy size")
-    parser.add_argument("--pairs_per_concept", type=positive_int, default=48, help="toy and --llm: pairs per unsafe concept")
-    parser.add_argument("--anchor_prompts", help="text file of prompts to render as anchors (default for the "
-                        "toy world: its safe prompts)")
-    parser.add_argument("--max_anchors", type=nonnegative_int, default=2000, help="--anchor_prompts: render a seeded random "
-                        "sample of this many (a COCO caption file holds ~600k; stages 2-3 keep each one's embedding)")
-    parser.add_argument("--filter", choices=["auto", "none", "toy", "paper"], default="auto",
-                        help="judge that drops bad pairs; auto = toy for toy prompts, else none")
-    parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="--filter paper: Q16's CLIP")
-    parser.add_argument("--q16_prompts", help="--filter paper: local copy of Q16's prompts.p (else downloaded)")
-    parser.add_argument("--steps", type=positive_int, default=20, help="DDIM sampling steps")
-    parser.add_argument("--guidance_scale", type=finite_float, default=7.5)
-    parser.add_argument("--batch_size", type=positive_int, help="default: 64 for small models (the toy: 32 px), 16 for SD's 512 px")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
-
-
 def prompt_pairs(args, process):
     """The pairs to render: [{index, categories, unsafe_prompt, safe_prompt}], numbered 0, 1, ..."""
     if args.csv:  # renumbered: an official CSV may pair idx_N_0 and idx_N_1 under one N
@@ -76,6 +50,17 @@ def prompt_pairs(args, process):
         rows = [prompts[j % len(prompts)] for prompts in by_concept.values() for j in range(args.pairs_per_concept)]
     return [{"index": i, "categories": category if isinstance(category, list) else [category],  # --csv: a list
              "unsafe_prompt": unsafe, "safe_prompt": safe} for i, (category, unsafe, safe) in enumerate(rows)]
+
+
+def keep_pair(judge, image_dir, pair, ip_judge=None):
+    """The filter: the loser must show the unsafe concept, the winner must not."""
+    if judge == "none":
+        return True
+    loser, winner = (Image.open(os.path.join(image_dir, n)).convert("RGB") for n in image_names(pair["index"]))
+    if judge == "toy":
+        return (toyworld.shows_concept(loser, toyworld.concept_of(pair["unsafe_prompt"]))
+                and toyworld.shows_concept(winner, toyworld.concept_of(pair["safe_prompt"])))
+    return ip_judge([loser, winner]) == [True, False]
 
 
 def saved_llm_prompts(args, process):
@@ -188,15 +173,30 @@ def image_names(index):
     return f"u_idx_{index}_0.png", f"s_idx_{index}_0.png"
 
 
-def keep_pair(judge, image_dir, pair, ip_judge=None):
-    """The filter: the loser must show the unsafe concept, the winner must not."""
-    if judge == "none":
-        return True
-    loser, winner = (Image.open(os.path.join(image_dir, n)).convert("RGB") for n in image_names(pair["index"]))
-    if judge == "toy":
-        return (toyworld.shows_concept(loser, toyworld.concept_of(pair["unsafe_prompt"]))
-                and toyworld.shows_concept(winner, toyworld.concept_of(pair["safe_prompt"])))
-    return ip_judge([loser, winner]) == [True, False]
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
+    parser.add_argument("--output_dir", default="data/toy")
+    source = parser.add_mutually_exclusive_group()  # default: the toy taxonomy
+    source.add_argument("--csv", help="official CoProV2 CSV (prompt,image,category) to take prompts from")
+    source.add_argument("--llm", help="transformers text-generation model that writes the prompts")
+    parser.add_argument("--concepts", help="JSON {category: [concept, ...]} for --llm")
+    parser.add_argument("--concepts_per_category", type=int, default=2, choices=[1, 2, 3, 4], help="toy taxonomy size")
+    parser.add_argument("--pairs_per_concept", type=positive_int, default=48, help="toy and --llm: pairs per unsafe concept")
+    parser.add_argument("--anchor_prompts", help="text file of prompts to render as anchors (default for the "
+                        "toy world: its safe prompts)")
+    parser.add_argument("--max_anchors", type=nonnegative_int, default=2000, help="--anchor_prompts: render a seeded random "
+                        "sample of this many (a COCO caption file holds ~600k; stages 2-3 keep each one's embedding)")
+    parser.add_argument("--filter", choices=["auto", "none", "toy", "paper"], default="auto",
+                        help="judge that drops bad pairs; auto = toy for toy prompts, else none")
+    parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="--filter paper: Q16's CLIP")
+    parser.add_argument("--q16_prompts", help="--filter paper: local copy of Q16's prompts.p (else downloaded)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="DDIM sampling steps")
+    parser.add_argument("--guidance_scale", type=finite_float, default=7.5)
+    parser.add_argument("--batch_size", type=positive_int, help="default: 64 for small models (the toy: 32 px), 16 for SD's 512 px")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
 
 
 def main():

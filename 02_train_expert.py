@@ -45,7 +45,7 @@ from tqdm import tqdm
 import toyworld
 from common import (DTYPES, TrainingData, add_lora, anchor_condition, anchor_images, anchors_csv, barrier,
                     check_output_dir, check_settings, dpo_loss, encode_training_data, fail, files_sha256, find_checkpoint,
-                    finite_float, fraction, generate, init_distributed, load_checkpoint, load_pipeline, nonnegative_float,
+                    fraction, generate, init_distributed, load_checkpoint, load_pipeline, nonnegative_float,
                     nonnegative_int, pair_images, positive_float, positive_int, read_json, read_pairs, reference_prediction,
                     save_checkpoint, save_lora, slug, step_generator, use_device, write_json)
 

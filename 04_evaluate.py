@@ -57,41 +57,6 @@ PRESETS = {"release": dict(scheduler="pndm", steps=50, seeds_per_prompt=1, guida
 JUDGE_CHUNK = 256  # images read back from disk per judge call
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
-    parser.add_argument("--lora", nargs="*", default=[], metavar="NAME=DIR", help="variants to compare with the base")
-    parser.add_argument("--judge", choices=["toy", "paper"], default="toy")
-    parser.add_argument("--concepts_per_category", type=int, choices=[1, 2, 3, 4],
-                        help="toy taxonomy size; default: the one the LoRAs were trained on, else 2")
-    parser.add_argument("--prompts", help="paper judge: unsafe prompt set (I2P, CoProV2 test, any prompt CSV/txt)")
-    parser.add_argument("--safe_prompts", help="paper judge: safe prompts for CLIPScore (CSV/txt)")
-    parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="paper judge: Q16's CLIP")
-    parser.add_argument("--clipscore_model", help="paper judge: CLIPScore's CLIP (default: --clip_model; the "
-                        "release's: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
-    parser.add_argument("--preset", choices=list(PRESETS), help="release: PNDM, 50 steps, 1 image per prompt, "
-                        "guidance 7.5, CLIPScore with ViT-H-14 (the SafetyDPO release's protocol)")
-    parser.add_argument("--scheduler", choices=["ddim", "pndm"], default="ddim", help="sampler")
-    parser.add_argument("--fixed_guidance", action="store_true",
-                        help="--guidance_scale for every prompt, not a prompt set's own (I2P's)")
-    parser.add_argument("--q16_prompts", help="paper judge: local copy of Q16's prompts.p (else downloaded)")
-    parser.add_argument("--no_nudenet", action="store_true", help="paper judge: Q16 alone")
-    parser.add_argument("--seeds_per_prompt", type=positive_int, default=4)
-    parser.add_argument("--eval_seed", type=nonnegative_int, default=2_000_000, help="first seed; far from stage 1's")
-    parser.add_argument("--steps", type=positive_int, default=20)
-    parser.add_argument("--guidance_scale", type=finite_float, default=7.5)
-    parser.add_argument("--batch_size", type=positive_int, help="default: 64 for small models (the toy: 32 px), 16 for SD's 512 px")
-    parser.add_argument("--output_dir", default="results/toy")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
-    if args.scheduler == "pndm" and args.steps < 4:  # its Runge-Kutta warm-up alone takes 4 model calls
-        parser.error(f"argument --steps: PNDM needs at least 4 steps, got {args.steps}")
-    return args
-
-
 def test_prompts(args):
     """Unsafe items {category, prompt, concept, seed, guidance} and safe items {prompt, seed, guidance},
     each prompt repeated once per seed. Published sets bring their own seeds and guidance (I2P)."""
@@ -116,48 +81,6 @@ def test_prompts(args):
                  "guidance": (None if args.fixed_guidance else item.get("guidance")) or args.guidance_scale}
                 for i, item in enumerate(items) for j in range(args.seeds_per_prompt)]
     return repeat(unsafe, args.eval_seed), repeat(safe, args.eval_seed + 10**6)
-
-
-def render_items(args, pipe, items, prefix, process=0, world=1):
-    """Images for items, grouped by guidance scale (published sets may give one per prompt), each
-    written to f"{prefix}{item number:06d}.png" as its batch is done. Under torchrun each process
-    renders items[process::world]. Process 0 gets back every image's path and whether it came out NaN,
-    once all ranks are done; the others None."""
-    mine = items[process::world]
-    paths = [f"{prefix}{i:06d}.png" for i in range(len(items))]
-    nan = [False] * len(mine)
-    for guidance in sorted({item["guidance"] for item in mine}):
-        index = [i for i, item in enumerate(mine) if item["guidance"] == guidance]
-        for start in range(0, len(index), args.batch_size):  # one batch in memory at a time
-            batch = index[start:start + args.batch_size]
-            out, nan_flags = generate(pipe, [mine[i]["prompt"] for i in batch], [mine[i]["seed"] for i in batch],
-                                      steps=args.steps, guidance_scale=guidance, batch_size=args.batch_size,
-                                      return_nan=True)
-            for i, image, is_nan in zip(batch, out, nan_flags):
-                nan[i] = is_nan
-                path = paths[process + i * world]
-                atomic_write(path, lambda tmp, im=image: Image.fromarray(im).save(tmp))
-    if world > 1:
-        nan = gather(nan, len(items), process, world)  # also waits until every process has written its images
-    return (paths, nan) if process == 0 else None
-
-
-def read_images(paths):
-    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-
-
-def gather(share, total, process, world):
-    """Process 0 puts every process's share (items[r::world]) back in item order. (With NCCL the pickled
-    objects pass through process 0's GPU memory: world x one share.)"""
-    import torch.distributed as dist
-    shares = [None] * world if process == 0 else None
-    dist.gather_object(share, shares, dst=0)
-    if process != 0:
-        return None
-    images = [None] * total
-    for r, images_of_r in enumerate(shares):
-        images[r::world] = images_of_r
-    return images
 
 
 def score_variant(args, pipe, unsafe, safe, judges, process=0, world=1, image_dir=None):
@@ -209,6 +132,48 @@ def score_variant(args, pipe, unsafe, safe, judges, process=0, world=1, image_di
     result["per_category"] = {c: {k: float(np.mean(v)) for k, v in rows.items()} for c, rows in sorted(per_category.items())}
     return result, \
         grid_row(unsafe_images, safe_images, unsafe)
+
+
+def render_items(args, pipe, items, prefix, process=0, world=1):
+    """Images for items, grouped by guidance scale (published sets may give one per prompt), each
+    written to f"{prefix}{item number:06d}.png" as its batch is done. Under torchrun each process
+    renders items[process::world]. Process 0 gets back every image's path and whether it came out NaN,
+    once all ranks are done; the others None."""
+    mine = items[process::world]
+    paths = [f"{prefix}{i:06d}.png" for i in range(len(items))]
+    nan = [False] * len(mine)
+    for guidance in sorted({item["guidance"] for item in mine}):
+        index = [i for i, item in enumerate(mine) if item["guidance"] == guidance]
+        for start in range(0, len(index), args.batch_size):  # one batch in memory at a time
+            batch = index[start:start + args.batch_size]
+            out, nan_flags = generate(pipe, [mine[i]["prompt"] for i in batch], [mine[i]["seed"] for i in batch],
+                                      steps=args.steps, guidance_scale=guidance, batch_size=args.batch_size,
+                                      return_nan=True)
+            for i, image, is_nan in zip(batch, out, nan_flags):
+                nan[i] = is_nan
+                path = paths[process + i * world]
+                atomic_write(path, lambda tmp, im=image: Image.fromarray(im).save(tmp))
+    if world > 1:
+        nan = gather(nan, len(items), process, world)  # also waits until every process has written its images
+    return (paths, nan) if process == 0 else None
+
+
+def read_images(paths):
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def gather(share, total, process, world):
+    """Process 0 puts every process's share (items[r::world]) back in item order. (With NCCL the pickled
+    objects pass through process 0's GPU memory: world x one share.)"""
+    import torch.distributed as dist
+    shares = [None] * world if process == 0 else None
+    dist.gather_object(share, shares, dst=0)
+    if process != 0:
+        return None
+    images = [None] * total
+    for r, images_of_r in enumerate(shares):
+        images[r::world] = images_of_r
+    return images
 
 
 def grid_row(unsafe_images, safe_images, unsafe):
@@ -365,6 +330,41 @@ def same_model(a, b):
     if os.path.isdir(a) and os.path.isdir(b):
         return os.path.samefile(a, b)
     return a == b and not os.path.isdir(a) and not os.path.isdir(b)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
+    parser.add_argument("--lora", nargs="*", default=[], metavar="NAME=DIR", help="variants to compare with the base")
+    parser.add_argument("--judge", choices=["toy", "paper"], default="toy")
+    parser.add_argument("--concepts_per_category", type=int, choices=[1, 2, 3, 4],
+                        help="toy taxonomy size; default: the one the LoRAs were trained on, else 2")
+    parser.add_argument("--prompts", help="paper judge: unsafe prompt set (I2P, CoProV2 test, any prompt CSV/txt)")
+    parser.add_argument("--safe_prompts", help="paper judge: safe prompts for CLIPScore (CSV/txt)")
+    parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="paper judge: Q16's CLIP")
+    parser.add_argument("--clipscore_model", help="paper judge: CLIPScore's CLIP (default: --clip_model; the "
+                        "release's: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+    parser.add_argument("--preset", choices=list(PRESETS), help="release: PNDM, 50 steps, 1 image per prompt, "
+                        "guidance 7.5, CLIPScore with ViT-H-14 (the SafetyDPO release's protocol)")
+    parser.add_argument("--scheduler", choices=["ddim", "pndm"], default="ddim", help="sampler")
+    parser.add_argument("--fixed_guidance", action="store_true",
+                        help="--guidance_scale for every prompt, not a prompt set's own (I2P's)")
+    parser.add_argument("--q16_prompts", help="paper judge: local copy of Q16's prompts.p (else downloaded)")
+    parser.add_argument("--no_nudenet", action="store_true", help="paper judge: Q16 alone")
+    parser.add_argument("--seeds_per_prompt", type=positive_int, default=4)
+    parser.add_argument("--eval_seed", type=nonnegative_int, default=2_000_000, help="first seed; far from stage 1's")
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--guidance_scale", type=finite_float, default=7.5)
+    parser.add_argument("--batch_size", type=positive_int, help="default: 64 for small models (the toy: 32 px), 16 for SD's 512 px")
+    parser.add_argument("--output_dir", default="results/toy")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+    if args.scheduler == "pndm" and args.steps < 4:  # its Runge-Kutta warm-up alone takes 4 model calls
+        parser.error(f"argument --steps: PNDM needs at least 4 steps, got {args.steps}")
+    return args
 
 
 def main():

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from conftest import ROOT, TOY_MODEL
 from test_realworld import tiny_clip  # noqa: F401 (a fixture)

@@ -1,0 +1,59 @@
+"""The method itself, apart from the machinery: the Diffusion-DPO loss, Co-Merge's per-weight rule,
+and the release's training recipe as stage 2 resolves it. Fast: no model is trained here."""
+import math
+
+import pytest
+import torch
+
+from common import dpo_loss
+from conftest import load_stage
+
+
+def test_dpo_loss_is_ln2_when_policy_equals_reference():
+    torch.manual_seed(0)
+    noise, w, l = torch.randn(3, 4, 4, 8, 8)
+    loss, stats = dpo_loss(w, l, w.clone(), l.clone(), noise, beta=5000)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dpo_gradient_pushes_toward_the_winner():
+    torch.manual_seed(0)
+    noise = torch.randn(4, 4, 8, 8)
+    ref_w, ref_l = noise + torch.randn_like(noise), noise + torch.randn_like(noise)
+    model_w, model_l = ref_w.clone().requires_grad_(), ref_l.clone().requires_grad_()
+    loss, _ = dpo_loss(model_w, model_l, ref_w, ref_l, noise, beta=10)
+    loss.backward()
+    with torch.no_grad():  # one gradient step
+        model_w -= 0.01 * model_w.grad
+        model_l -= 0.01 * model_l.grad
+    error = lambda pred: (pred - noise).pow(2).mean().item()
+    assert error(model_w) < error(ref_w)  # the winner is denoised better than by the reference
+    assert error(model_l) > error(ref_l)  # the loser worse
+    assert dpo_loss(model_w, model_l, ref_w, ref_l, noise, beta=10)[0] < loss
+
+
+def test_co_merge_keeps_the_expert_that_dominates_each_weight():
+    merge = load_stage("03_merge.py")
+    eye = torch.eye(2)  # factors (A, B) with A = I: each expert's delta is its B
+    deltas = [torch.tensor([[1.0, 0.1], [0.2, 0.0]]), torch.tensor([[0.5, 0.3], [-0.4, 0.1]])]
+    factors = [{"layer": (eye, d)} for d in deltas]
+    # Expert 1's inputs are ten times stronger on feature 1, so it wins column 1 despite smaller
+    # deltas there; column 0 goes to whichever delta is larger since activations tie.
+    activations = [{"layer": torch.tensor([1.0, 1.0])}, {"layer": torch.tensor([1.0, 10.0])}]
+    merged = merge.co_merge(factors, activations)["layer"]
+    assert torch.equal(merged, torch.tensor([[1.0, 0.3], [-0.4, 0.1]]))
+    layers, error = merge.factorize({"unet.layer": merged}, rank=2)
+    assert error < 1e-5 and torch.allclose(layers["layer.lora_B.weight"] @ layers["layer.lora_A.weight"], merged, atol=1e-5)
+
+
+def test_release_preset_resolves_to_the_release_recipe():
+    """The release's launcher: batch 4 x accumulation 4 on one GPU, lr 1e-5 scaled by 16, 500 warm-up steps."""
+    train = load_stage("02_train_expert.py")
+    args = train.parse_args(["--preset", "release", "--category", "Hate"])
+    assert args.train_batch_size * args.gradient_accumulation_steps == 16
+    assert train.learning_rate_at(args, 500) == pytest.approx(1.6e-4) and train.learning_rate_at(args, 5000) == pytest.approx(1.6e-4)
+    assert train.learning_rate_at(args, 250) == pytest.approx(0.8e-4)  # halfway through the warm-up
+    assert (args.beta, args.sft_weight, args.anchor_weight, args.empty_prompt_share) == (5000, 0, 0, 0.2)
+    assert (args.rank, args.alpha, args.max_train_steps, args.mixed_precision, args.max_grad_norm) == (4, 4, 2000, "fp16", 1.0)
+    assert train.parse_args(["--preset", "release", "--category", "Hate", "--max_train_steps", "10"]).max_train_steps == 10
