@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 import toyworld
 from common import (anchors_csv, atomic_write, barrier, check_output_dir, check_settings, default_batch_size, fail,
-                    finite_float, generate, image_ok, inference_dtype, init_distributed, load_pipeline, nonnegative_int,
-                    positive_int, read_json, read_pairs, slice_vae, write_anchors, write_json, write_pairs)
+                    finite_float, generate, inference_dtype, init_distributed, load_pipeline, nonnegative_int,
+                    positive_int, read_json, read_pairs, slice_vae, use_device, write_anchors, write_json, write_pairs)
 
 
 def prompt_pairs(args, process):
@@ -148,6 +148,16 @@ def render_missing(args, jobs, image_dir):
     return len(todo)
 
 
+def image_ok(path):
+    """Whether a file is a complete image (PIL's verify checks the whole PNG, CRCs included)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
+        return False
+
+
 def check_render_resume(args, jobs, process):
     """A rerun reuses the images on disk, so they must come from the same jobs: images are named
     by pair index, and other settings (more pairs per concept, another seed or model) would
@@ -204,8 +214,7 @@ def main():
     check_output_dir(args.output_dir)
     started = time.time()
     process, world = init_distributed()  # under torchrun each process renders its own slice
-    if world > 1 and args.device.startswith("cuda"):
-        args.device = f"cuda:{torch.cuda.current_device()}"
+    use_device(args, world)
     pairs = prompt_pairs(args, process)
     if not pairs:
         fail("no prompt pairs to render")

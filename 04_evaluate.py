@@ -47,9 +47,9 @@ import torch
 from PIL import Image
 
 import toyworld
-from common import (LORA_FILE, atomic_write, check_lora_fits, check_output_dir, default_batch_size, fail, finite_float,
-                    generate, inference_dtype, init_distributed, load_lora_into, load_lora_tensors, load_pipeline,
-                    lora_sha256, nonnegative_int, positive_int, read_lora, slice_vae, write_json, write_text)
+from common import (LORA_FILE, atomic_write, check_output_dir, default_batch_size, fail, finite_float, generate,
+                    inference_dtype, init_distributed, load_lora_into, load_lora_tensors, load_pipeline, nonnegative_int,
+                    positive_int, read_lora, slice_vae, use_device, write_json, write_text)
 
 # --preset: defaults for a published protocol; options given on the command line still win
 PRESETS = {"release": dict(scheduler="pndm", steps=50, seeds_per_prompt=1, guidance_scale=7.5, fixed_guidance=True,
@@ -219,6 +219,16 @@ def variant_settings(args, path, dtype):
     return json.loads(json.dumps(settings))
 
 
+def lora_sha256(directory):
+    """A LoRA known by its tensors (sorted names, dtypes, shapes, bytes), not its file's bytes:
+    safetensors writes its header in another order in every process."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_lora_tensors(os.path.join(directory, LORA_FILE)).items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -301,8 +311,8 @@ def evaluation_taxonomy(args, infos):
 
 def read_variants(args):
     """{name: LoRA folder} from --lora NAME=DIR, with the base model first (folder None), and the
-    lora.json of each LoRA that has one (this project's say what they were trained on)."""
-    variants, infos = {"base": None}, []
+    lora.json and layers of each LoRA that has one (this project's say what they were trained on)."""
+    variants, infos, layers = {"base": None}, [], {}
     for spec in args.lora:
         name, _, path = spec.partition("=")
         if not name or not path or not os.path.isdir(path):
@@ -314,14 +324,25 @@ def read_variants(args):
         if not os.path.exists(os.path.join(path, LORA_FILE)):
             fail(f"--lora {name}: {path} holds no {LORA_FILE} (an unfinished training run?)")
         if os.path.exists(os.path.join(path, "lora.json")):  # written by stages 2 and 3: checked in full
-            infos.append(read_lora(path)[0])
+            info, layers[path] = read_lora(path)
+            infos.append(info)
             base_model = infos[-1].get("base_model")
             if base_model and not same_model(base_model, args.model):
                 fail(f"--lora {name}: {path} was trained on {base_model}, not on --model {args.model}")
         else:  # a LoRA from elsewhere: at least a readable file
             load_lora_tensors(os.path.join(path, LORA_FILE))
         variants[name] = path
-    return variants, infos
+    return variants, infos, layers
+
+
+def check_lora_fits(unet, directory, layers):
+    """Before any rendering: each layer of the LoRA (read_lora's) is a linear layer of this UNet, of its shape."""
+    modules = dict(unet.named_modules())
+    for name, (a, b) in layers.items():
+        weight = getattr(modules.get(name.removeprefix("unet.")), "weight", None)
+        if weight is None or weight.dim() != 2 or tuple(weight.shape) != (b.shape[0], a.shape[1]):
+            fail(f"{directory}: layer {name} ({b.shape[0]}x{a.shape[1]}) "
+                 f"{'is not a linear layer of' if weight is None or weight.dim() != 2 else 'does not fit'} the model's UNet")
 
 
 def same_model(a, b):
@@ -371,20 +392,18 @@ def main():
     args = parse_args()
     check_output_dir(args.output_dir)
     started = time.time()
-    variants, infos = read_variants(args)
+    variants, infos, layers = read_variants(args)
     if args.judge == "toy":
         args.concepts_per_category = evaluation_taxonomy(args, infos)
     unsafe, safe = test_prompts(args)
     process, world = init_distributed()  # under torchrun each process renders a slice of every variant
-    if world > 1 and args.device.startswith("cuda"):
-        args.device = f"cuda:{torch.cuda.current_device()}"
+    use_device(args, world)
     dtype = inference_dtype(args.device)
     pipe = load_pipeline(args.model, args.device, dtype, args.scheduler)
     slice_vae(pipe)
     args.batch_size = args.batch_size or default_batch_size(pipe)
-    for name, path in variants.items():  # a LoRA of another model is refused before anything renders
-        if path and os.path.exists(os.path.join(path, "lora.json")):
-            check_lora_fits(pipe.unet, path)
+    for path, lora_layers in layers.items():  # a LoRA of another model is refused before anything renders
+        check_lora_fits(pipe.unet, path, lora_layers)
     judges = {}
     if args.judge == "paper" and process == 0:  # Q16 + NudeNet for IP, CLIPScore for quality (realworld.py)
         import realworld

@@ -1,17 +1,17 @@
 """What two or more of the project's scripts share (the four stages, and toyworld.py, study.py and
-bench.py beside them): the Diffusion-DPO loss, LoRA helpers, the CoProV2 pair CSV, pipeline loading
-and seeded generation, resumable checkpoints and atomic writes. A file format's reader stays beside
+bench.py beside them), in this order: the Diffusion-DPO loss; flag and input checks; atomic writes
+and resumable checkpoints; pipeline loading and seeded generation; LoRA files; the CoProV2 pair CSV
+and anchors; the training data of stages 2 and 3; torchrun helpers. A file format's reader stays beside
 its writer, even where one stage writes and another reads."""
 import argparse
 import csv
-import hashlib
 import json
 import math
 import os
 import re
 import sys
-from collections import namedtuple
 import tempfile
+from collections import namedtuple
 from datetime import timedelta
 
 # Before diffusers/transformers are imported: their import-time notes (e.g. "requires torchvision")
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -33,6 +33,30 @@ from tqdm import tqdm
 def fail(message):
     """Bad input ends a stage with one clear line and a non-zero exit."""
     sys.exit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Diffusion-DPO loss
+# ---------------------------------------------------------------------------------------------
+def dpo_loss(model_winner, model_loser, ref_winner, ref_loser, noise, beta):
+    """Diffusion-DPO (Wallace et al., 2023) as the SafetyDPO release computes it.
+
+    Each argument is a noise prediction (B,C,H,W) for the same noise and timestep; the error of a
+    prediction is its per-sample MSE to the noise. The policy should lower its error on the
+    winner (safe image) more than the reference does, and on the loser (unsafe image) less:
+        loss = -log sigmoid(-beta/2 * [(err_w - ref_err_w) - (err_l - ref_err_l)])
+    Returns the loss and what is worth logging (implicit accuracy: share of pairs the policy
+    already prefers the right way; margin: the mean of the sigmoid's argument).
+    """
+    def error(pred):
+        return (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    winner_gap = error(model_winner) - error(ref_winner)  # < 0: better than the reference on the winner
+    loser_gap = error(model_loser) - error(ref_loser)
+    logits = -0.5 * beta * (winner_gap - loser_gap)
+    loss = -F.logsigmoid(logits).mean()
+    stats = {"implicit_acc": (logits > 0).float().mean().item(), "margin": logits.mean().item(),
+             "winner_gap": winner_gap.mean().item(), "loser_gap": loser_gap.mean().item()}
+    return loss, stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +83,9 @@ finite_float = _number(float, lambda v: True, "a finite number")
 fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+# ---------------------------------------------------------------------------------------------
+# Inputs: each read or checked with one clear line when it is wrong
+# ---------------------------------------------------------------------------------------------
 def check_output_dir(path, flag="--output_dir"):
     """Before any work: the output folder must be a folder (or creatable) and writable, so that a
     run does not find out only when it writes its first result."""
@@ -94,16 +121,6 @@ def read_json(path, what="", expect=dict):
     return value
 
 
-def image_ok(path):
-    """Whether a file is a complete image (PIL's verify checks the whole PNG, CRCs included)."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
-        return False
-
-
 def open_image(path):
     """An RGB image, or one line naming the file that cannot be read."""
     try:
@@ -111,20 +128,6 @@ def open_image(path):
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as error:
         fail(f"{path} is not a readable image ({error}); rerun stage 1 to render it anew")
-
-
-def files_sha256(paths):
-    """One digest of several files' contents, in order (what training reads, not only names)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        except OSError as error:
-            fail(f"cannot read {path} ({error.strerror or error})")
-        digest.update(b"\0")  # file boundaries count
-    return digest.hexdigest()
 
 
 def inside(name, path, column):
@@ -193,15 +196,14 @@ def save_checkpoint(directory, tensors, optimizer, step, scaler=None):
 
 def load_checkpoint(path, tensors, optimizer, scaler=None):
     """Restore what `save_checkpoint` wrote, in place; returns the step to resume from."""
-    from safetensors import safe_open
     try:
-        return _load_checkpoint(path, tensors, optimizer, scaler, safe_open)
+        return _load_checkpoint(path, tensors, optimizer, scaler)
     except Exception as error:  # a corrupt or foreign file: safetensors, KeyError, shapes, JSON
         fail(f"{path}: not a checkpoint this run can resume ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
              "delete it to start anew or use a new --output_dir")
 
 
-def _load_checkpoint(path, tensors, optimizer, scaler, safe_open):
+def _load_checkpoint(path, tensors, optimizer, scaler):
     flat = load_file(path)
     with safe_open(path, "pt") as f:
         meta = f.metadata()
@@ -296,30 +298,6 @@ def generate(pipe, prompts, seeds, steps=25, guidance_scale=7.5, batch_size=16, 
 
 
 # ---------------------------------------------------------------------------------------------
-# The Diffusion-DPO loss
-# ---------------------------------------------------------------------------------------------
-def dpo_loss(model_winner, model_loser, ref_winner, ref_loser, noise, beta):
-    """Diffusion-DPO (Wallace et al., 2023) as the SafetyDPO release computes it.
-
-    Each argument is a noise prediction (B,C,H,W) for the same noise and timestep; the error of a
-    prediction is its per-sample MSE to the noise. The policy should lower its error on the
-    winner (safe image) more than the reference does, and on the loser (unsafe image) less:
-        loss = -log sigmoid(-beta/2 * [(err_w - ref_err_w) - (err_l - ref_err_l)])
-    Returns the loss and what is worth logging (implicit accuracy: share of pairs the policy
-    already prefers the right way; margin: the mean of the sigmoid's argument).
-    """
-    def error(pred):
-        return (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-    winner_gap = error(model_winner) - error(ref_winner)  # < 0: better than the reference on the winner
-    loser_gap = error(model_loser) - error(ref_loser)
-    logits = -0.5 * beta * (winner_gap - loser_gap)
-    loss = -F.logsigmoid(logits).mean()
-    stats = {"implicit_acc": (logits > 0).float().mean().item(), "margin": logits.mean().item(),
-             "winner_gap": winner_gap.mean().item(), "loser_gap": loser_gap.mean().item()}
-    return loss, stats
-
-
-# ---------------------------------------------------------------------------------------------
 # LoRA: experts live on the UNet's attention projections, saved in the diffusers format
 # ---------------------------------------------------------------------------------------------
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -385,17 +363,6 @@ def load_lora_into(pipe, directory):
         fail(f"{directory}: the LoRA does not fit the model ({message[:300]})")
 
 
-def check_lora_fits(unet, directory):
-    """Before any rendering: each layer of the LoRA is a linear layer of this UNet, of its shape."""
-    _, layers = read_lora(directory)
-    modules = dict(unet.named_modules())
-    for name, (a, b) in layers.items():
-        weight = getattr(modules.get(name.removeprefix("unet.")), "weight", None)
-        if weight is None or weight.dim() != 2 or tuple(weight.shape) != (b.shape[0], a.shape[1]):
-            fail(f"{directory}: layer {name} ({b.shape[0]}x{a.shape[1]}) "
-                 f"{'is not a linear layer of' if weight is None or weight.dim() != 2 else 'does not fit'} the model's UNet")
-
-
 def read_lora_info(directory, keys=()):
     """lora.json, checked: an object with a positive integer rank, a positive alpha and these keys."""
     path = os.path.join(directory, "lora.json")
@@ -417,16 +384,6 @@ def load_lora_tensors(path):
         return load_file(path)
     except Exception as error:  # safetensors raises its own error type (and OSError)
         fail(f"{path}: not a readable safetensors file ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
-
-
-def lora_sha256(directory):
-    """A LoRA known by its tensors (sorted names, dtypes, shapes, bytes), not its file's bytes:
-    safetensors writes its header in another order in every process."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(load_lora_tensors(os.path.join(directory, LORA_FILE)).items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,7 +493,10 @@ def anchor_images(path):
     return anchors
 
 
-# What stage 2 trains on and stage 3's distillation keeps: computed once, the VAE and text encoder are frozen.
+# ---------------------------------------------------------------------------------------------
+# Training data (stages 2 and 3): encoded once, drawn per step
+# ---------------------------------------------------------------------------------------------
+# What stage 2 trains on and stage 3's repair keeps to: computed once, the VAE and text encoder are frozen.
 TrainingData = namedtuple("TrainingData", "winners losers anchor_latents prompt_embeds anchor_embeds empty_embed")
 
 
@@ -592,6 +552,9 @@ def slug(category):
     return category.lower().replace(" ", "-")
 
 
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun)
+# ---------------------------------------------------------------------------------------------
 def init_distributed():
     """(rank, world size) under torchrun, else (0, 1). Stages split their work by rank; a barrier
     (gloo on CPU, nccl on GPUs) lets rank 0 write the shared outputs once every slice is done."""

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 import toyworld
-from common import atomic_write, write_json, write_text
+from common import atomic_write, slug, write_json, write_text
 
 CATEGORIES = list(toyworld.CATEGORIES)
 MERGES = ["comerge", "linear", "ties", "cat"]
@@ -79,10 +79,6 @@ def stage(*args):
     if process.returncode != 0:
         sys.exit(f"study: {args[0]} failed: {(err.strip().splitlines() or ['?'])[-1]}")
     return out
-
-
-def slug(category):
-    return category.lower().replace(" ", "-")
 
 
 def run_pipeline(args, seed, scale):

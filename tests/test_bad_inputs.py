@@ -19,8 +19,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from common import LORA_FILE, image_ok, lora_sha256
+from common import LORA_FILE
 from conftest import ROOT, load_stage
+
+image_ok = load_stage("01_generate_data.py").image_ok
+lora_sha256 = load_stage("04_evaluate.py").lora_sha256
 
 STAGES = {}
 TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "1", "--steps", "4", "--filter", "none"]
