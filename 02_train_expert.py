@@ -16,10 +16,12 @@ the loser. The reference is the same UNet with the LoRA switched off (no second 
 The release's loss is Diffusion-DPO alone (`--preset release`: beta 5000, 20% empty prompts, batch
 4 x accumulation 4, learning rate 1e-5 x 16, 500 warm-up steps, 2,000 steps, fp16). On the toy
 model it saturates without changing what the model samples, so the toy default adds two terms,
-this repository's additions (docs/findings.md measures each):
-  * winner SFT (--sft_weight): plainly denoise the winner under the unsafe prompt, which is what
-    moves sampling at all (at weight 10 the expert draws the winner's safe colour far more often,
-    but loses fidelity: docs/efficacy.md);
+this repository's additions (docs/efficacy.md measures each):
+  * SFT toward the safe counterpart (--sft_weight, --sft_target counterpart): under the unsafe
+    prompt, the expert must denoise the noisy winner and loser as the reference denoises them under
+    the pair's *safe* prompt. This is what moves sampling to the safe version of the prompt, shape
+    and background kept. (--sft_target noise denoises the winner towards its true noise instead:
+    the same target on average, but far noisier; it costs fidelity: docs/efficacy.md.)
   * prior preservation (--anchor_weight; the DreamBooth term, diffusers' "prior preservation"):
     on anchor images (the model's own images of safe prompts, stage 1) the expert must predict
     what the reference predicts, so that it changes its concept and nothing else.
@@ -54,7 +56,8 @@ from common import (DTYPES, TrainingData, add_lora, anchor_condition, atomic_wri
 # The method: one training step's loss
 # ---------------------------------------------------------------------------------------------
 def expert_loss(args, unet, model, scheduler, batch, data: TrainingData):
-    """Diffusion-DPO (+ winner SFT + prior preservation, where their weights are not 0) on one batch."""
+    """Diffusion-DPO (+ SFT toward the safe counterpart + prior preservation, where their weights are
+    not 0) on one batch."""
     idx, t, noise = batch["pairs"], batch["t"].to(args.device), batch["noise"].to(args.device)
     cond = data.prompt_embeds[idx].clone()
     cond[batch["empty"]] = data.empty_embed  # the release drops 20% of prompts (classifier-free guidance)
@@ -65,14 +68,27 @@ def expert_loss(args, unet, model, scheduler, batch, data: TrainingData):
         noisy.append(scheduler.add_noise(data.anchor_latents[batch["anchors"]], noise, t))
         conds.append(anchor_condition(data, batch["anchors"], batch["anchor_empty"]))
     dtype, blocks = DTYPES[args.mixed_precision], len(conds)
-    noisy, timesteps, cond = torch.cat(noisy).to(dtype), t.repeat(blocks), torch.cat(conds).to(dtype)
+    counterpart = args.sft_weight and args.sft_target == "counterpart"
+    ref_noisy, ref_conds = noisy, conds
+    if counterpart:  # the reference also sees the winner and the loser under the pair's *safe* prompt
+        safe = data.safe_embeds[idx].clone()
+        safe[batch["empty"]] = data.empty_embed
+        ref_noisy, ref_conds = noisy + noisy[:2], conds + [safe, safe]
     with torch.autocast(args.device.split(":")[0], dtype, enabled=args.mixed_precision != "no"):
-        ref_w, ref_l, *ref_a = reference_prediction(unet, noisy, timesteps, cond).chunk(blocks)
-        model_w, model_l, *model_a = model(noisy, timesteps, cond).sample.chunk(blocks)
+        ref_w, ref_l, *ref_rest = reference_prediction(unet, torch.cat(ref_noisy).to(dtype), t.repeat(len(ref_conds)),
+                                                       torch.cat(ref_conds).to(dtype)).chunk(len(ref_conds))
+        model_w, model_l, *model_a = model(torch.cat(noisy).to(dtype), t.repeat(blocks),
+                                           torch.cat(conds).to(dtype)).sample.chunk(blocks)
+    ref_a, ref_safe = ref_rest[:blocks - 2], ref_rest[blocks - 2:]
     loss, stats = dpo_loss(model_w, model_l, ref_w, ref_l, noise, args.beta)
     stats["dpo_loss"] = loss.item()
-    if args.sft_weight:  # also plainly denoise the winner under the unsafe prompt
-        loss = loss + args.sft_weight * F.mse_loss(model_w.float(), noise.float())
+    if counterpart:  # under the unsafe prompt, denoise as the reference does under the safe prompt
+        sft = (F.mse_loss(model_w.float(), ref_safe[0].float()) + F.mse_loss(model_l.float(), ref_safe[1].float())) / 2
+    elif args.sft_weight:  # plainly denoise the winner under the unsafe prompt
+        sft = F.mse_loss(model_w.float(), noise.float())
+    if args.sft_weight:
+        stats["sft"] = sft.item()
+        loss = loss + args.sft_weight * sft
     if args.anchor_weight:  # prior preservation: on anchor prompts, stay the reference
         drift = F.mse_loss(model_a[0].float(), ref_a[0].float())
         stats["anchor_drift"] = drift.item()
@@ -217,8 +233,11 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (the release: 4)")
     parser.add_argument("--alpha", type=positive_float, default=4, help="LoRA alpha (the release: 4)")
     parser.add_argument("--beta", type=positive_float, default=500, help="DPO KL weight (the release: 5000 on SD 1.5)")
-    parser.add_argument("--sft_weight", type=nonnegative_float, default=1.0,
-                        help="weight of a denoising loss on the winner (0 = pure Diffusion-DPO, the release)")
+    parser.add_argument("--sft_weight", type=nonnegative_float, default=10.0,
+                        help="weight of the SFT term toward the safe counterpart (0 = pure Diffusion-DPO, the release)")
+    parser.add_argument("--sft_target", choices=["counterpart", "noise"], default="counterpart",
+                        help="counterpart: the reference's prediction under the safe prompt, on the noisy winner and "
+                        "loser; noise: the winner's true noise (plain denoising, higher variance)")
     parser.add_argument("--anchor_weight", type=nonnegative_float, default=100.0,
                         help="weight of keeping the reference's prediction on anchor prompts (0: the release)")
     parser.add_argument("--learning_rate", type=positive_float, default=3e-3)
@@ -276,7 +295,7 @@ def load_anchors(args, pairs_csv):
 
 
 # What a resumed run must share with the run that wrote the checkpoint (--max_train_steps may grow).
-RESUME_KEYS = ("model", "category", "rank", "alpha", "beta", "sft_weight", "anchor_weight", "learning_rate",
+RESUME_KEYS = ("model", "category", "rank", "alpha", "beta", "sft_weight", "sft_target", "anchor_weight", "learning_rate",
                "scale_lr", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
                "empty_prompt_share", "mixed_precision", "seed")
 

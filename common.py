@@ -497,7 +497,7 @@ def anchor_images(path):
 # Training data (stages 2 and 3): encoded once, drawn per step
 # ---------------------------------------------------------------------------------------------
 # What stage 2 trains on and stage 3's repair keeps to: computed once, the VAE and text encoder are frozen.
-TrainingData = namedtuple("TrainingData", "winners losers anchor_latents prompt_embeds anchor_embeds empty_embed")
+TrainingData = namedtuple("TrainingData", "winners losers anchor_latents prompt_embeds safe_embeds anchor_embeds empty_embed")
 
 
 @torch.no_grad()
@@ -517,10 +517,11 @@ def encode_training_data(pipe, pairs, anchors, dtype=torch.float32):
     winners = latents([p["winner_image"] for p in pairs])
     losers = latents([p["loser_image"] for p in pairs])
     anchor_latents = latents([image for _, image in anchors]) if anchors else None
-    prompts = [p["unsafe_prompt"] for p in pairs] + [prompt for prompt, _ in anchors] + [""]
+    n = len(pairs)
+    prompts = [p["unsafe_prompt"] for p in pairs] + [p["safe_prompt"] for p in pairs] + [prompt for prompt, _ in anchors] + [""]
     embeds = torch.cat([pipe.encode_prompt(prompts[i:i + 64], pipe.device, 1, False)[0]
                         for i in range(0, len(prompts), 64)]).float()
-    return TrainingData(winners, losers, anchor_latents, embeds[:len(pairs)], embeds[len(pairs):-1], embeds[-1])
+    return TrainingData(winners, losers, anchor_latents, embeds[:n], embeds[n:2 * n], embeds[2 * n:-1], embeds[-1])
 
 
 def anchor_condition(data, anchors, empty):

@@ -36,4 +36,4 @@ python 03_merge.py "${experts[@]}" --method comerge --scale 1.75 --repair_steps 
 
 # 4. Base model against the merges and the baseline, on test prompts and seeds that training never saw
 python 04_evaluate.py --lora co-merge=merged/$RUN/comerge co-merge+repair=merged/$RUN/comerge-repaired \
-  all-data=experts/$RUN/all-data --output_dir results/$RUN --eval_seed $((2000000 + SEED * 100000))
+  all-data=experts/$RUN/all-data --output_dir results/$RUN --eval_seed $((2000000 + SEED * 100000)) --seeds_per_prompt 2

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -31,11 +32,13 @@ def run(*command):
 def seed_results(seed):
     """(the main job's results, each expert alone: {category: result}) for one seed."""
     name = "toy" if seed == 0 else f"toy-seed{seed}"
+    started = time.time()
     run("bash", "run_toy.sh", str(seed))
+    print(f"efficacy_seeds: bash run_toy.sh {seed} took {time.time() - started:.0f} s", flush=True)
     experts = [f"{slug(c)}=experts/{name}/{slug(c)}" for c in toyworld.CATEGORIES]
     out = f"results/{name}-experts"
     if not os.path.exists(os.path.join(ROOT, out, "results.json")):
-        run(sys.executable, "04_evaluate.py", "--lora", *experts, "--output_dir", out,
+        run(sys.executable, "04_evaluate.py", "--lora", *experts, "--output_dir", out, "--seeds_per_prompt", "2",
             "--eval_seed", str(2_000_000 + seed * 100_000))
     main = json.load(open(os.path.join(ROOT, "results", name, "results.json")))["results"]
     alone = json.load(open(os.path.join(ROOT, out, "results.json")))["results"]

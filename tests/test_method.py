@@ -57,3 +57,51 @@ def test_release_preset_resolves_to_the_release_recipe():
     assert (args.beta, args.sft_weight, args.anchor_weight, args.empty_prompt_share) == (5000, 0, 0, 0.2)
     assert (args.rank, args.alpha, args.max_train_steps, args.mixed_precision, args.max_grad_norm) == (4, 4, 2000, "fp16", 1.0)
     assert train.parse_args(["--preset", "release", "--category", "Hate", "--max_train_steps", "10"]).max_train_steps == 10
+
+
+def test_counterpart_sft_targets_the_reference_under_the_safe_prompt():
+    """The toy recipe's SFT term: zero when the safe prompt equals the unsafe one (nothing to move),
+    positive otherwise, and its gradient moves the LoRA's unsafe-prompt prediction toward the
+    reference's safe-prompt prediction."""
+    train = load_stage("02_train_expert.py")
+    args = train.parse_args(["--category", "Hate", "--anchor_weight", "0", "--beta", "1"])
+    assert (args.sft_target, args.sft_weight) == ("counterpart", 10)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 1)  # a stand-in UNet: output = conv(x) + a projection of the prompt
+
+    class Unet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora, self.on = torch.nn.Parameter(torch.zeros(4, 4)), True
+            self.proj = torch.randn(6, 4)
+
+        def disable_adapters(self):
+            self.on = False
+
+        def enable_adapters(self):
+            self.on = True
+
+        def forward(self, x, t, cond):
+            text = cond.mean(1) @ self.proj
+            out = conv(x) + text[:, :, None, None] + ((cond.mean(1) @ self.proj @ self.lora)[:, :, None, None] if self.on else 0)
+            return type("Out", (), {"sample": out})()
+
+    class Scheduler:
+        def add_noise(self, x, noise, t):
+            return x + noise
+
+    unet, n = Unet(), 3
+    embeds = torch.randn(n, 5, 6)
+    batch = {"pairs": torch.arange(n), "t": torch.zeros(n, dtype=torch.long), "noise": torch.randn(n, 4, 2, 2),
+             "empty": torch.zeros(n, dtype=torch.bool)}
+    make = lambda safe: train.TrainingData(torch.randn(n, 4, 2, 2), torch.randn(n, 4, 2, 2), None, embeds, safe, None,
+                                           torch.zeros(5, 6))
+    _, same = train.expert_loss(args, unet, unet, Scheduler(), batch, make(embeds.clone()))
+    assert same["sft"] == pytest.approx(0.0, abs=1e-10)
+    data = make(torch.randn(n, 5, 6))
+    loss, stats = train.expert_loss(args, unet, unet, Scheduler(), batch, data)
+    assert stats["sft"] > 0
+    loss.backward()
+    with torch.no_grad():
+        unet.lora -= 0.1 * unet.lora.grad / unet.lora.grad.norm()
+    assert train.expert_loss(args, unet, unet, Scheduler(), batch, data)[1]["sft"] < stats["sft"]
