@@ -68,29 +68,28 @@ def expert_loss(args, unet, model, scheduler, batch, data: TrainingData):
         noisy.append(scheduler.add_noise(data.anchor_latents[batch["anchors"]], noise, t))
         conds.append(anchor_condition(data, batch["anchors"], batch["anchor_empty"]))
     dtype, blocks = DTYPES[args.mixed_precision], len(conds)
-    counterpart = args.sft_weight and args.sft_target == "counterpart"
-    ref_noisy, ref_conds = noisy, conds
-    if counterpart:  # the reference also sees the winner and the loser under the pair's *safe* prompt
-        safe = data.safe_embeds[idx].clone()
+    ref_noisy, ref_conds = list(noisy), list(conds)
+    if args.sft_weight and args.sft_target == "counterpart":  # the reference also sees the winner and
+        safe = data.safe_embeds[idx].clone()                   # the loser under the pair's *safe* prompt
         safe[batch["empty"]] = data.empty_embed
-        ref_noisy, ref_conds = noisy + noisy[:2], conds + [safe, safe]
+        ref_noisy, ref_conds = ref_noisy + noisy[:2], ref_conds + [safe, safe]
     with torch.autocast(args.device.split(":")[0], dtype, enabled=args.mixed_precision != "no"):
         ref_w, ref_l, *ref_rest = reference_prediction(unet, torch.cat(ref_noisy).to(dtype), t.repeat(len(ref_conds)),
                                                        torch.cat(ref_conds).to(dtype)).chunk(len(ref_conds))
         model_w, model_l, *model_a = model(torch.cat(noisy).to(dtype), t.repeat(blocks),
                                            torch.cat(conds).to(dtype)).sample.chunk(blocks)
-    ref_a, ref_safe = ref_rest[:blocks - 2], ref_rest[blocks - 2:]
     loss, stats = dpo_loss(model_w, model_l, ref_w, ref_l, noise, args.beta)
     stats["dpo_loss"] = loss.item()
-    if counterpart:  # under the unsafe prompt, denoise as the reference does under the safe prompt
-        sft = (F.mse_loss(model_w.float(), ref_safe[0].float()) + F.mse_loss(model_l.float(), ref_safe[1].float())) / 2
-    elif args.sft_weight:  # plainly denoise the winner under the unsafe prompt
-        sft = F.mse_loss(model_w.float(), noise.float())
     if args.sft_weight:
+        if args.sft_target == "counterpart":  # under the unsafe prompt, denoise as the reference does under the safe one
+            safe_w, safe_l = ref_rest[-2:]
+            sft = (F.mse_loss(model_w.float(), safe_w.float()) + F.mse_loss(model_l.float(), safe_l.float())) / 2
+        else:  # plainly denoise the winner under the unsafe prompt
+            sft = F.mse_loss(model_w.float(), noise.float())
         stats["sft"] = sft.item()
         loss = loss + args.sft_weight * sft
     if args.anchor_weight:  # prior preservation: on anchor prompts, stay the reference
-        drift = F.mse_loss(model_a[0].float(), ref_a[0].float())
+        drift = F.mse_loss(model_a[0].float(), ref_rest[0].float())
         stats["anchor_drift"] = drift.item()
         loss = loss + args.anchor_weight * drift
     return loss, {"loss": loss.item(), **stats}

@@ -83,7 +83,7 @@ def test_counterpart_sft_targets_the_reference_under_the_safe_prompt():
 
         def forward(self, x, t, cond):
             text = cond.mean(1) @ self.proj
-            out = conv(x) + text[:, :, None, None] + ((cond.mean(1) @ self.proj @ self.lora)[:, :, None, None] if self.on else 0)
+            out = conv(x) + (text + (text @ self.lora if self.on else 0))[:, :, None, None]
             return type("Out", (), {"sample": out})()
 
     class Scheduler:
