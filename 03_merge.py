@@ -15,16 +15,15 @@ this repository's reading of it, for every LoRA layer:
 Baselines (peft's merge utilities on the same deltas): linear (the average), ties (TIES-merging),
 and cat (the sum, i.e. all experts stacked: exact at rank = the sum of their ranks).
 
-The repair (--repair_steps; this repository's addition, not the paper's): Co-Merge keeps each
-expert only where it wins a weight, ~0.6 of it, too little to remove its concept, and a merge scaled
-up to make up for it (--scale) drifts on safe prompts, because the experts' small side effects add
-up (docs/findings.md, "Merging"). So the scaled merge is then trained briefly with prior
-preservation alone, no preference pairs: on the anchor prompts it must predict what the reference
-predicts, on the unsafe prompts what the merge itself predicted.
+The distillation (--distill_steps; this repository's addition, not the paper's): Co-Merge keeps
+each expert only where it wins a weight, too little of it to remove its concept, and the experts'
+small side effects on safe prompts add up (docs/efficacy.md). So the merge is then trained to act as
+every expert at once: on each expert's unsafe prompts it must predict what that expert predicts, on
+the anchor prompts what the base model predicts.
 
     E=experts/toy; experts="$E/hate $E/harassment $E/violence $E/self-harm $E/sexual $E/shocking $E/illegal-activity"
     python 03_merge.py $experts --method comerge --output_dir merged/toy/comerge
-    python 03_merge.py $experts --method comerge --scale 1.75 --repair_steps 800 --output_dir merged/toy/comerge-repaired
+    python 03_merge.py $experts --method comerge --distill_steps 1600 --output_dir merged/toy/comerge-distilled
 
 The output loads with plain `pipe.load_lora_weights(output_dir)`.
 """
@@ -120,70 +119,87 @@ def factorize(merged, rank):
 
 
 # ---------------------------------------------------------------------------------------------
-# This repository's addition: repair the merge with prior preservation
+# This repository's addition: distil the experts into the merge
 # ---------------------------------------------------------------------------------------------
-def repair(args, pipe, layers, rank, per_expert):
-    """Train the merged LoRA (starting at the merge, --scale included) on two terms, with the same
-    noise and timestep for both: on the anchor prompts (stage 1's images of every safe prompt) it must
-    predict what the reference (no LoRA) predicts, which undoes the experts' summed drift on safe
-    prompts; on the experts' unsafe prompts (noised winners and losers alike) it must predict what
-    the merge itself predicted, which keeps what the experts removed. No preference pairs, no DPO."""
+def distill(args, pipe, layers, rank, per_expert, factors):
+    """Train the merged LoRA, starting at the merge, to act as every expert at once. Each step takes
+    one expert's pairs (the experts in turn) and two terms, with the same noise and timestep: on that
+    expert's unsafe prompts (noised winners and losers alike) the merge must predict what *that
+    expert* predicts; on the anchor prompts (stage 1's images of every safe prompt) it must predict
+    what the reference (no LoRA) predicts, which undoes the experts' summed drift on safe prompts.
+    No preference pairs, no DPO: the experts already learnt the preference."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from torch.func import functional_call
     pairs = [p for pairs_csv, rows in per_expert for p in pair_images(rows, pairs_csv)]
+    owner = torch.tensor([e for e, (_, rows) in enumerate(per_expert) for _ in rows])  # each pair's expert
     anchor_files = sorted({anchors_csv(os.path.dirname(pairs_csv)) for pairs_csv, _ in per_expert})
     for path in anchor_files:
         if not os.path.exists(path):
-            fail(f"--repair_steps needs anchors: no {path} (stage 1 writes it)")
+            fail(f"--distill_steps needs anchors: no {path} (stage 1 writes it)")
     anchors = sorted({a for path in anchor_files for a in anchor_images(path)})
     if not anchors:
-        fail(f"--repair_steps needs anchors: {', '.join(anchor_files)} list none")
+        fail(f"--distill_steps needs anchors: {', '.join(anchor_files)} list none")
     data = encode_training_data(pipe, pairs, anchors)
     unet, scheduler = pipe.unet, pipe.scheduler
     params = add_lora(unet, rank, rank)  # alpha = rank: the factors carry the scale
+    teachers = [{k: v.to(args.device) for k, v in as_adapter_weights(expert, rank).items()} for expert in factors]
     set_peft_model_state_dict(unet, layers)  # start at the merge (the inverse of what save_lora is given)
-    merge = {name: p.detach().clone() for name, p in unet.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(params, lr=args.repair_learning_rate)
+    optimizer = torch.optim.AdamW(params, lr=args.distill_learning_rate)
 
     def draw(step):  # a per-step generator, like stage 2: the run is reproducible
-        g, n = step_generator(args.seed, step), args.repair_batch_size
-        i, a = torch.randint(len(pairs), (n,), generator=g), torch.randint(len(anchors), (n,), generator=g)
+        g, n, e = step_generator(args.seed, step), args.distill_batch_size, step % len(teachers)
+        mine = (owner == e).nonzero()[:, 0]
+        i, a = mine[torch.randint(len(mine), (n,), generator=g)], torch.randint(len(anchors), (n,), generator=g)
         noise = torch.randn((n, *data.winners.shape[1:]), generator=g).to(args.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g).to(args.device)
         winner = (torch.rand(n, generator=g) < 0.5).to(args.device)[:, None, None, None]
         unsafe = scheduler.add_noise(torch.where(winner, data.winners[i], data.losers[i]), noise, t)
         anchor = scheduler.add_noise(data.anchor_latents[a], noise, t)
         anchor_cond = anchor_condition(data, a, torch.rand(n, generator=g) < 0.5)
-        return unsafe, data.prompt_embeds[i], anchor, anchor_cond, t
+        return e, unsafe, data.prompt_embeds[i], anchor, anchor_cond, t
 
     def errors(batch):
-        """(keep, drift): the LoRA's squared distance to the merge on unsafe prompts, to the
-        reference on anchor prompts."""
-        unsafe, unsafe_cond, anchor, anchor_cond, t = batch
+        """(expert error, anchor drift): the LoRA's squared distance to the expert on its unsafe
+        prompts, to the reference on anchor prompts."""
+        e, unsafe, unsafe_cond, anchor, anchor_cond, t = batch
         with torch.no_grad():
             reference = reference_prediction(unet, anchor, t, anchor_cond)
-            merged = functional_call(unet, merge, (unsafe, t, unsafe_cond)).sample
+            expert = functional_call(unet, teachers[e], (unsafe, t, unsafe_cond)).sample
         out_unsafe, out_anchor = unet(torch.cat([unsafe, anchor]), t.repeat(2),
                                       torch.cat([unsafe_cond, anchor_cond])).sample.chunk(2)
-        return F.mse_loss(out_unsafe, merged), F.mse_loss(out_anchor, reference)
+        return F.mse_loss(out_unsafe, expert), F.mse_loss(out_anchor, reference)
 
-    held_out = draw(-1)  # one fixed batch, to report the drift before and after
-    with torch.no_grad():
-        drift_before = errors(held_out)[1].item()
-    for step in tqdm(range(args.repair_steps), desc="repairing the merge"):
-        keep, drift = errors(draw(step))
-        loss = args.repair_keep_weight * keep + args.repair_anchor_weight * drift
+    held_out = [draw(-1 - e) for e in range(len(teachers))]  # fixed batches, one per expert: before and after
+
+    def held_out_errors():
+        with torch.no_grad():
+            return [sum(errors(b)[k].item() for b in held_out) / len(held_out) for k in (0, 1)]
+    before = held_out_errors()
+    for step in tqdm(range(args.distill_steps), desc="distilling the experts into the merge"):
+        expert_error, drift = errors(draw(step))
+        loss = args.distill_expert_weight * expert_error + args.distill_anchor_weight * drift
         if not math.isfinite(loss.item()):
-            fail(f"repair loss is {loss.item()} at step {step}; nothing was written")
+            fail(f"distillation loss is {loss.item()} at step {step}; nothing was written")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    with torch.no_grad():
-        keep, drift = (e.item() for e in errors(held_out))
-    return get_peft_model_state_dict(unet), {"steps": args.repair_steps, "learning_rate": args.repair_learning_rate,
-                                             "anchor_weight": args.repair_anchor_weight, "keep_weight": args.repair_keep_weight,
-                                             "anchor_drift_before": drift_before, "anchor_drift_after": drift,
-                                             "keep_error_after": keep}
+    after = held_out_errors()
+    return get_peft_model_state_dict(unet), {
+        "steps": args.distill_steps, "learning_rate": args.distill_learning_rate, "batch_size": args.distill_batch_size,
+        "expert_weight": args.distill_expert_weight, "anchor_weight": args.distill_anchor_weight,
+        "expert_error_before": before[0], "expert_error_after": after[0],
+        "anchor_drift_before": before[1], "anchor_drift_after": after[1]}
+
+
+def as_adapter_weights(expert, rank):
+    """One expert's factors {layer: (A, B)} as the merged adapter's parameters (peft's names, zeros
+    padding rank 4 to the merge's rank), for torch.func.functional_call: the expert's own prediction."""
+    weights = {}
+    for name, (a, b) in expert.items():
+        key = name.removeprefix("unet.")
+        weights[key + ".lora_A.default.weight"] = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+        weights[key + ".lora_B.default.weight"] = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +211,7 @@ def parse_args():
     parser.add_argument("--method", choices=["comerge", "linear", "ties", "cat"], default="comerge")
     parser.add_argument("--model", help="the base model (default: the one the experts were trained on)")
     parser.add_argument("--data", help="stage 1 folder whose pairs.csv prompts drive the activations and the "
-                        "repair (default: the pair CSV each expert was trained on)")
+                        "distillation (default: the pair CSV each expert was trained on)")
     parser.add_argument("--leave_out", nargs="*", default=[], metavar="CATEGORY",
                         help="categories of the pair CSV deliberately merged without an expert")
     parser.add_argument("--rank", type=positive_int, help="rank of the merged LoRA (default: the experts' ranks summed)")
@@ -206,14 +222,14 @@ def parse_args():
     parser.add_argument("--prompts_per_expert", type=positive_int, default=16,
                         help="co-merge: a seeded random sample of this many unsafe prompts per expert")
     parser.add_argument("--steps", type=positive_int, default=10, help="co-merge: sampling steps while recording")
-    parser.add_argument("--repair_steps", type=nonnegative_int, default=0,
-                        help="after merging: steps of prior preservation on the merged LoRA (0: none)")
-    parser.add_argument("--repair_learning_rate", type=positive_float, default=1e-3)
-    parser.add_argument("--repair_batch_size", type=positive_int, default=16)
-    parser.add_argument("--repair_anchor_weight", type=nonnegative_float, default=300.0,
-                        help="repair: weight of predicting the reference on anchor prompts")
-    parser.add_argument("--repair_keep_weight", type=nonnegative_float, default=100.0,
-                        help="repair: weight of keeping the merge's prediction on the unsafe prompts")
+    parser.add_argument("--distill_steps", type=nonnegative_int, default=0,
+                        help="after merging: steps of distilling the experts into the merged LoRA (0: none)")
+    parser.add_argument("--distill_learning_rate", type=positive_float, default=1e-3)
+    parser.add_argument("--distill_batch_size", type=positive_int, default=16)
+    parser.add_argument("--distill_expert_weight", type=nonnegative_float, default=300.0,
+                        help="distill: weight of predicting each expert on its unsafe prompts")
+    parser.add_argument("--distill_anchor_weight", type=nonnegative_float, default=1000.0,
+                        help="distill: weight of predicting the reference on anchor prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", help="default: merged/<method>")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -285,8 +301,11 @@ def main():
     infos, factors = load_experts(args.experts)
     check_every_category(args, infos)
     rank = args.rank or sum(i["rank"] for i in infos)
+    if args.distill_steps and rank < infos[0]["rank"]:
+        fail(f"--distill_steps needs --rank of at least the experts' rank ({infos[0]['rank']}): the merge must be able "
+             f"to act as each expert; got --rank {rank}")
     model = args.model or infos[0]["base_model"]
-    if args.method == "comerge" or args.repair_steps:
+    if args.method == "comerge" or args.distill_steps:
         pipe = load_pipeline(model, args.device)
         per_expert = expert_pairs(args, infos, args.experts)
     if args.method == "comerge":
@@ -298,13 +317,14 @@ def main():
     info = {"base_model": infos[0]["base_model"], "category": "merged", "method": args.method, "scale": args.scale,
             "activation_prompts": args.activation_prompts, "experts": args.experts, "relative_error": error,
             "toy_taxonomy": infos[0].get("toy_taxonomy")}
-    if args.repair_steps:
+    if args.distill_steps:
         if pipe.unet.config.sample_size > 8:  # larger than the toy's 8x8 latents
-            fail("--repair_steps has run on the toy model only; on a model this size it would train in fp32 "
+            fail("--distill_steps has run on the toy model only; on a model this size it would train in fp32 "
                  "without gradient checkpointing (beyond one 80 GB GPU for SD 1.5): not supported yet")
-        layers, info["repair"] = repair(args, pipe, layers, rank, per_expert)
-        print(f"03 repair: anchor drift {info['repair']['anchor_drift_before']:.2e} -> "
-              f"{info['repair']['anchor_drift_after']:.2e} in {args.repair_steps} steps")
+        layers, info["distill"] = distill(args, pipe, layers, rank, per_expert, factors)
+        d = info["distill"]
+        print(f"03 distill: error to the experts {d['expert_error_before']:.2e} -> {d['expert_error_after']:.2e}, "
+              f"anchor drift {d['anchor_drift_before']:.2e} -> {d['anchor_drift_after']:.2e} in {args.distill_steps} steps")
     save_lora(args.output_dir, layers, rank, rank, info)  # alpha = rank: the factors carry the scale
     print(f"03 merge ({args.method}): {len(infos)} experts -> rank {rank}, relative reconstruction error "
           f"{error:.4f}, {time.time() - started:.0f}s -> {args.output_dir}")

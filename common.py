@@ -496,7 +496,7 @@ def anchor_images(path):
 # ---------------------------------------------------------------------------------------------
 # Training data (stages 2 and 3): encoded once, drawn per step
 # ---------------------------------------------------------------------------------------------
-# What stage 2 trains on and stage 3's repair keeps to: computed once, the VAE and text encoder are frozen.
+# What stage 2 trains on and stage 3's distillation uses: computed once, the VAE and text encoder are frozen.
 TrainingData = namedtuple("TrainingData", "winners losers anchor_latents prompt_embeds safe_embeds anchor_embeds empty_embed")
 
 
@@ -504,7 +504,7 @@ TrainingData = namedtuple("TrainingData", "winners losers anchor_latents prompt_
 def encode_training_data(pipe, pairs, anchors, dtype=torch.float32):
     """Latents of winners, losers and anchors, text embeddings of the unsafe and the anchor
     prompts and of the empty prompt, computed once: the VAE and the text encoder are frozen
-    (stage 2 trains on them, stage 3's repair keeps the merge's behaviour on them)."""
+    (stage 2 trains on them, stage 3 distils the experts on them)."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def latents(paths):

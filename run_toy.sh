@@ -12,28 +12,29 @@ CATEGORIES=(hate harassment violence self-harm sexual shocking illegal-activity)
 # 1. CoProV2-style pairs (and the anchors: the model's own images of every safe prompt)
 python 01_generate_data.py --output_dir data/$RUN --seed $((SEED * 100000))
 
-# 2. One safety expert per category, all in one process. Beside them, on the other core, the
-#    baseline: one LoRA on all pairs (the release trains one LoRA), with the experts' compute (7 x 150 steps).
+# 2-3. On this core: one safety expert per category, all in one process, then their merge. On the
+#    other core, the baseline: one LoRA on all pairs (the release trains one LoRA), with the same
+#    compute as the experts and the distillation together (2,100 steps: the two lanes take about as long).
 export OMP_NUM_THREADS=$(python -c "import os; print(max(1, (os.cpu_count() or 2) // 2))")
 mkdir -p experts/$RUN
 python 02_train_expert.py --data data/$RUN --category all --output_dir experts/$RUN/all-data \
-  --max_train_steps 1050 --seed $SEED > experts/$RUN/all-data.log 2>&1 &
+  --max_train_steps 2100 --seed $SEED > experts/$RUN/all-data.log 2>&1 &
 all_data=$!
 trap 'kill $all_data 2>/dev/null || true' EXIT                         # stopped with this script
 python 02_train_expert.py --data data/$RUN --category each --output_dir experts/$RUN --seed $SEED
+
+# 3. Merge the seven experts: Co-Merge as the paper describes it; then (this repository's addition)
+#    Co-Merge distilled: trained to act as each expert on its prompts (03_merge.py's docstring)
+experts=("${CATEGORIES[@]/#/experts/$RUN/}")
+python 03_merge.py "${experts[@]}" --method comerge --output_dir merged/$RUN/comerge
+python 03_merge.py "${experts[@]}" --method comerge --distill_steps 1600 --output_dir merged/$RUN/comerge-distilled \
+  --seed $SEED
 echo "waiting for the all-data LoRA (progress: experts/$RUN/all-data.log)"
 wait $all_data || { tail -n 1 experts/$RUN/all-data.log; exit 1; }
 trap - EXIT
 tail -n 1 experts/$RUN/all-data.log
 unset OMP_NUM_THREADS
 
-# 3. Merge the seven experts: Co-Merge as the paper describes it; then (this repository's addition)
-#    Co-Merge scaled up and repaired with prior preservation (03_merge.py's docstring)
-experts=("${CATEGORIES[@]/#/experts/$RUN/}")
-python 03_merge.py "${experts[@]}" --method comerge --output_dir merged/$RUN/comerge
-python 03_merge.py "${experts[@]}" --method comerge --scale 1.75 --repair_steps 800 --output_dir merged/$RUN/comerge-repaired \
-  --seed $SEED
-
 # 4. Base model against the merges and the baseline, on test prompts and seeds that training never saw
-python 04_evaluate.py --lora co-merge=merged/$RUN/comerge co-merge+repair=merged/$RUN/comerge-repaired \
+python 04_evaluate.py --lora co-merge=merged/$RUN/comerge co-merge+distill=merged/$RUN/comerge-distilled \
   all-data=experts/$RUN/all-data --output_dir results/$RUN --eval_seed $((2000000 + SEED * 100000)) --seeds_per_prompt 2

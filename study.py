@@ -4,8 +4,9 @@
   (b) merged per-category experts beat one LoRA trained on all data (as the release trains);
   (c) Co-Merge beats other merges (linear average, TIES, concatenation);
   (d) experts scale to more concepts: 1x, 2x, 4x the unsafe concepts (7, 14, 28).
-Beside the paper's Co-Merge it runs the main job's repaired merge ("comerge+repair": scaled, then
-prior preservation, 03_merge.py --repair_steps; this repository's addition) at every size.
+Beside the paper's Co-Merge it runs the main job's distilled merge ("comerge+distill": Co-Merge
+trained to act as each expert on its prompts, 03_merge.py --distill_steps; this repository's
+addition) at every size.
 Every number is a mean over --seeds (each seed: new pairs, new training noise, new eval seeds
 offset), with the spread (standard deviation) beside it.
 
@@ -36,8 +37,8 @@ MERGES = ["comerge", "linear", "ties", "cat"]
 # Co-Merge variants that the paper's description allows, at the main scale
 COMERGE_VARIANTS = {"comerge:all inputs": ["--activation_prompts", "all"], "comerge:rank 4": ["--rank", "4"],
                     "comerge:x1.5": ["--scale", "1.5"]}
-SCALING_VARIANTS = ("base", "all-data", "comerge", "comerge+repair")  # evaluated at every size
-REPAIR = ["--scale", "1.75", "--repair_steps", "800"]  # run_toy.sh's setting, not tuned for the study
+SCALING_VARIANTS = ("base", "all-data", "comerge", "comerge+distill")  # evaluated at every size
+DISTILL = ["--distill_steps", "1600"]  # run_toy.sh's setting, not tuned for the study
 
 
 def parse_args():
@@ -91,7 +92,8 @@ def run_pipeline(args, seed, scale):
     variants = {}
     for category in CATEGORIES + ["all"]:
         out = os.path.join(work, "experts", slug(category))
-        steps = 150 * (len(CATEGORIES) if category == "all" else 1)  # all-data: the experts' compute
+        steps = 2100 if category == "all" else 150  # all-data: the experts' and the
+        # distillation's compute together (run_toy.sh)
         stage("02_train_expert.py", "--pairs", pairs, "--category", category, "--output_dir", out,
               "--seed", seed, "--max_train_steps", steps, *args.train_args.split())
         if category == "all":
@@ -101,8 +103,8 @@ def run_pipeline(args, seed, scale):
     experts = [os.path.join(work, "experts", slug(c)) for c in CATEGORIES]
     for method in MERGES if scale == args.main_scale else ["comerge"]:
         variants[method] = merge(experts, data, os.path.join(work, "merged", method), "--method", method)
-    variants["comerge+repair"] = merge(experts, data, os.path.join(work, "merged", "comerge-repaired"),
-                                       "--method", "comerge", *REPAIR, "--seed", seed)
+    variants["comerge+distill"] = merge(experts, data, os.path.join(work, "merged", "comerge-distilled"),
+                                        "--method", "comerge", *DISTILL, "--seed", seed)
     result_file = os.path.join(work, "eval", "results.json")
     if not evaluated(result_file, variants):  # stage 4 re-renders only the variants it lacks
         stage("04_evaluate.py", "--concepts_per_category", scale, "--seeds_per_prompt", args.seeds_per_prompt,

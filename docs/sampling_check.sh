@@ -4,7 +4,7 @@
 #   bash docs/sampling_check.sh        # -> results/toy-sampling-*/report.md (docs/efficacy.md §3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-variants="co-merge=merged/toy/comerge co-merge+repair=merged/toy/comerge-repaired all-data=experts/toy/all-data"
+variants="co-merge=merged/toy/comerge co-merge+distill=merged/toy/comerge-distilled all-data=experts/toy/all-data"
 common="--seeds_per_prompt 2 --eval_seed 2000000"
 python 04_evaluate.py --lora $variants $common --scheduler pndm --output_dir results/toy-sampling-pndm
 python 04_evaluate.py --lora $variants $common --steps 10 --output_dir results/toy-sampling-steps10

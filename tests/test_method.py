@@ -105,3 +105,30 @@ def test_counterpart_sft_targets_the_reference_under_the_safe_prompt():
     with torch.no_grad():
         unet.lora -= 0.1 * unet.lora.grad / unet.lora.grad.norm()
     assert train.expert_loss(args, unet, unet, Scheduler(), batch, data)[1]["sft"] < stats["sft"]
+
+
+def test_distillation_teacher_is_the_expert_itself(toy_model):
+    """Stage 3's distillation asks the merge (rank 8 here) to predict what each expert (rank 4)
+    predicts; the teacher, the expert's factors zero-padded into the merge's adapter, must predict
+    exactly what the expert loaded on its own does."""
+    from torch.func import functional_call
+    from diffusers import UNet2DConditionModel
+    from common import add_lora
+    merge = load_stage("03_merge.py")
+    torch.manual_seed(0)
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 8, 64)
+    expert_unet = UNet2DConditionModel.from_pretrained(toy_model, subfolder="unet")
+    base = expert_unet(x, t, cond).sample.detach()
+    add_lora(expert_unet, 4, 2)  # alpha / rank = 0.5: load_experts folds it into B
+    factors = {}
+    for name, module in expert_unet.named_modules():
+        if hasattr(module, "lora_A"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+            factors["unet." + name] = (module.lora_A["default"].weight.detach(),
+                                       module.lora_B["default"].weight.detach() * 2 / 4)
+    expert = expert_unet(x, t, cond).sample.detach()
+    assert (expert - base).abs().max() > 1e-3
+    merged_unet = UNet2DConditionModel.from_pretrained(toy_model, subfolder="unet")
+    add_lora(merged_unet, 8, 8)
+    taught = functional_call(merged_unet, merge.as_adapter_weights(factors, 8), (x, t, cond)).sample
+    assert torch.allclose(taught, expert, atol=1e-5)

@@ -116,15 +116,16 @@ def test_merged_lora_loads_with_plain_load_lora_weights(work, toy_model, method)
     pipe.load_lora_weights(str(out))
 
 
-def test_repair_pulls_the_merge_back_to_the_reference_on_anchor_prompts(work, toy_model):
-    out = work / "merged-repaired"
+def test_distillation_pulls_the_merge_toward_the_experts_and_the_reference(work, toy_model):
+    out = work / "merged-distilled"
     result = run_stage("03_merge.py", str(work / "Violence"), str(work / "Hate"), "--method", "cat", "--scale", "3",
-                       "--repair_steps", "15", "--repair_batch_size", "4", "--repair_learning_rate", "1e-2",
-                       "--repair_keep_weight", "0", "--leave_out", *CATEGORIES_BUT_TWO, "--output_dir", str(out))
+                       "--distill_steps", "16", "--distill_batch_size", "4", "--distill_learning_rate", "1e-2",
+                       "--leave_out", *CATEGORIES_BUT_TWO, "--output_dir", str(out))
     info, layers = read_lora(str(out))
-    repaired = info["repair"]
-    assert repaired["steps"] == 15 and "anchor drift" in result.stdout
-    assert repaired["anchor_drift_before"] > 0 and repaired["anchor_drift_after"] < 0.5 * repaired["anchor_drift_before"]
+    distilled = info["distill"]
+    assert distilled["steps"] == 16 and "error to the experts" in result.stdout
+    assert distilled["expert_error_after"] < 0.5 * distilled["expert_error_before"]
+    assert distilled["anchor_drift_after"] < 0.5 * distilled["anchor_drift_before"]
     assert info["rank"] == 8 and all(a.shape[0] == 8 for a, _ in layers.values())
 
 
@@ -137,6 +138,14 @@ def test_merge_refuses_experts_of_different_ranks(work):
                        "--output_dir", str(work / "nope"), check=False)
     assert result.returncode != 0 and "rank" in error_line(result)
     assert not (work / "nope" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_distillation_refuses_a_merge_rank_below_the_experts(work):
+    result = run_stage("03_merge.py", str(work / "Violence"), str(work / "Hate"), "--method", "linear", "--rank", "2",
+                       "--distill_steps", "3", "--leave_out", *CATEGORIES_BUT_TWO, "--output_dir", str(work / "nope-rank"),
+                       check=False)
+    assert result.returncode != 0 and "--rank" in error_line(result)
+    assert not (work / "nope-rank").exists()
 
 
 def test_evaluate_writes_results_report_and_grid(evaluated):

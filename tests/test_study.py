@@ -16,13 +16,13 @@ def result(own, fidelity, ip=None, redirect=0.5):
 
 def test_study_table_gives_mean_and_spread_over_seeds(tmp_path):
     by_seed = [{2: {"base": result(1.0, 0.9, 1.0), "all-data": result(0.4, 0.9, 0.5), "comerge": result(0.8, 0.9, 0.9),
-                    "comerge+repair": result(0.2, 0.95, 0.3), "expert:Hate": result(0.5, 0.9, 0.6)}},
+                    "comerge+distill": result(0.2, 0.95, 0.3), "expert:Hate": result(0.5, 0.9, 0.6)}},
                {2: {"base": result(1.0, 0.9, 1.0), "all-data": result(0.4, 0.9, 0.5), "comerge": result(0.8, 0.9, 0.9),
-                    "comerge+repair": result(0.4, 0.85, 0.5), "expert:Hate": result(0.5, 0.9, 0.6)}}]
+                    "comerge+distill": result(0.4, 0.85, 0.5), "expert:Hate": result(0.5, 0.9, 0.6)}}]
     args = argparse.Namespace(main_scale=2, scales=[2], output_dir=str(tmp_path))
     table = study.write_outputs(args, by_seed, minutes=1.0)
-    assert "| comerge+repair | 0.400 ± 0.100 | 0.300 ± 0.100 | 0.500 ± 0.000 | 0.900 ± 0.050 |" in table
-    assert "| 14 | comerge+repair | 0.400 ± 0.100 | 0.300 ± 0.100 | 0.500 ± 0.000 | 0.900 ± 0.050 |" in table
+    assert "| comerge+distill | 0.400 ± 0.100 | 0.300 ± 0.100 | 0.500 ± 0.000 | 0.900 ± 0.050 |" in table
+    assert "| 14 | comerge+distill | 0.400 ± 0.100 | 0.300 ± 0.100 | 0.500 ± 0.000 | 0.900 ± 0.050 |" in table
     assert (tmp_path / "table.md").read_text().strip() == table.strip()
     assert (tmp_path / "variants.png").stat().st_size and (tmp_path / "scaling.png").stat().st_size
 
@@ -32,14 +32,14 @@ def test_study_reevaluates_when_a_cached_evaluation_lacks_a_variant(tmp_path):
     assert not study.evaluated(str(path), {"comerge": "x"})
     path.write_text(json.dumps({"results": {"base": {}, "comerge": {}}}))
     assert study.evaluated(str(path), {"base": None, "comerge": "x"})
-    assert not study.evaluated(str(path), {"comerge": "x", "comerge+repair": "y"})  # an older study's evaluation
+    assert not study.evaluated(str(path), {"comerge": "x", "comerge+distill": "y"})  # an older study's evaluation
     assert math.isnan(study.measure(result(0.5, 0.9), "ip"))  # results from before the column: NaN, not a crash
 
 
 def test_study_main_scale_0_writes_the_scaling_rows_only(tmp_path):
     row = {"base": result(1.0, 0.9), "all-data": result(0.4, 0.9), "comerge": result(0.8, 0.9),
-           "comerge+repair": result(0.2, 0.9)}
+           "comerge+distill": result(0.2, 0.9)}
     args = argparse.Namespace(main_scale=0, scales=[1, 4], output_dir=str(tmp_path))
     table = study.write_outputs(args, [{1: row, 4: row}], minutes=1.0)
     assert "Every variant" not in table and not (tmp_path / "variants.png").exists()
-    assert "| 28 | comerge+repair | nan ± nan | 0.200 ± 0.000 | 0.500 ± 0.000 | 0.900 ± 0.000 |" in table
+    assert "| 28 | comerge+distill | nan ± nan | 0.200 ± 0.000 | 0.500 ± 0.000 | 0.900 ± 0.000 |" in table
