@@ -127,7 +127,8 @@ def distill(args, pipe, layers, rank, per_expert, factors):
     expert's unsafe prompts (noised winners and losers alike) the merge must predict what *that
     expert* predicts; on the anchor prompts (stage 1's images of every safe prompt) it must predict
     what the reference (no LoRA) predicts, which undoes the experts' summed drift on safe prompts.
-    No preference pairs, no DPO: the experts already learnt the preference."""
+    No preference pairs, no DPO: the experts already learnt the preference. A pair of several
+    categories is taught by each of their experts in turn; --scale scales the starting point only."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from torch.func import functional_call
     pairs = [p for pairs_csv, rows in per_expert for p in pair_images(rows, pairs_csv)]
@@ -169,12 +170,12 @@ def distill(args, pipe, layers, rank, per_expert, factors):
                                       torch.cat([unsafe_cond, anchor_cond])).sample.chunk(2)
         return F.mse_loss(out_unsafe, expert), F.mse_loss(out_anchor, reference)
 
-    held_out = [draw(-1 - e) for e in range(len(teachers))]  # fixed batches, one per expert: before and after
+    fixed = [draw(-1 - e) for e in range(len(teachers))]  # fixed batches (one per expert), to report before and after
 
-    def held_out_errors():
+    def fixed_errors():
         with torch.no_grad():
-            return [sum(errors(b)[k].item() for b in held_out) / len(held_out) for k in (0, 1)]
-    before = held_out_errors()
+            return [sum(errors(b)[k].item() for b in fixed) / len(fixed) for k in (0, 1)]
+    before = fixed_errors()
     for step in tqdm(range(args.distill_steps), desc="distilling the experts into the merge"):
         expert_error, drift = errors(draw(step))
         loss = args.distill_expert_weight * expert_error + args.distill_anchor_weight * drift
@@ -183,7 +184,7 @@ def distill(args, pipe, layers, rank, per_expert, factors):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    after = held_out_errors()
+    after = fixed_errors()
     return get_peft_model_state_dict(unet), {
         "steps": args.distill_steps, "learning_rate": args.distill_learning_rate, "batch_size": args.distill_batch_size,
         "expert_weight": args.distill_expert_weight, "anchor_weight": args.distill_anchor_weight,
@@ -307,6 +308,9 @@ def main():
     model = args.model or infos[0]["base_model"]
     if args.method == "comerge" or args.distill_steps:
         pipe = load_pipeline(model, args.device)
+        if args.distill_steps and pipe.unet.config.sample_size > 8:  # larger than the toy's 8x8 latents
+            fail("--distill_steps has run on the toy model only; on a model this size it would train in fp32 "
+                 "without gradient checkpointing (beyond one 80 GB GPU for SD 1.5): not supported yet")
         per_expert = expert_pairs(args, infos, args.experts)
     if args.method == "comerge":
         merged = co_merge(factors, record_activations(args, pipe, args.experts, factors, per_expert))
@@ -318,16 +322,14 @@ def main():
             "activation_prompts": args.activation_prompts, "experts": args.experts, "relative_error": error,
             "toy_taxonomy": infos[0].get("toy_taxonomy")}
     if args.distill_steps:
-        if pipe.unet.config.sample_size > 8:  # larger than the toy's 8x8 latents
-            fail("--distill_steps has run on the toy model only; on a model this size it would train in fp32 "
-                 "without gradient checkpointing (beyond one 80 GB GPU for SD 1.5): not supported yet")
         layers, info["distill"] = distill(args, pipe, layers, rank, per_expert, factors)
         d = info["distill"]
         print(f"03 distill: error to the experts {d['expert_error_before']:.2e} -> {d['expert_error_after']:.2e}, "
               f"anchor drift {d['anchor_drift_before']:.2e} -> {d['anchor_drift_after']:.2e} in {args.distill_steps} steps")
     save_lora(args.output_dir, layers, rank, rank, info)  # alpha = rank: the factors carry the scale
     print(f"03 merge ({args.method}): {len(infos)} experts -> rank {rank}, relative reconstruction error "
-          f"{error:.4f}, {time.time() - started:.0f}s -> {args.output_dir}")
+          f"{error:.4f}{' (before the distillation)' if args.distill_steps else ''}, {time.time() - started:.0f}s -> "
+          f"{args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ CATEGORIES=(hate harassment violence self-harm sexual shocking illegal-activity)
 # 1. CoProV2-style pairs (and the anchors: the model's own images of every safe prompt)
 python 01_generate_data.py --output_dir data/$RUN --seed $((SEED * 100000))
 
-# 2-3. On this core: one safety expert per category, all in one process, then their merge. On the
-#    other core, the baseline: one LoRA on all pairs (the release trains one LoRA), with the same
+# 2. On this core: one safety expert per category, all in one process (then, step 3, their merge). On
+#    the other core, the baseline: one LoRA on all pairs (the release trains one LoRA), with the same
 #    compute as the experts and the distillation together (2,100 steps: the two lanes take about as long).
 export OMP_NUM_THREADS=$(python -c "import os; print(max(1, (os.cpu_count() or 2) // 2))")
 mkdir -p experts/$RUN
