@@ -107,15 +107,18 @@ def factorize(merged, rank):
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         r = min(rank, len(s))
         root = s[:r].sqrt()
-        b, a = u[:, :r] * root, root[:, None] * vh[:r]
-        if r < rank:  # keep every layer at the same rank so that the file loads as one adapter
-            b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1)
-            a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
+        a, b = pad_rank(root[:, None] * vh[:r], u[:, :r] * root, rank)  # every layer at one rank: one adapter
         layers[name.removeprefix("unet.") + ".lora_A.weight"] = a.contiguous()
         layers[name.removeprefix("unet.") + ".lora_B.weight"] = b.contiguous()
         err_num += (delta - b @ a).pow(2).sum().item()
         err_den += delta.pow(2).sum().item()
     return layers, (err_num / max(err_den, 1e-30)) ** 0.5
+
+
+def pad_rank(a, b, rank):
+    """LoRA factors (A: r x in, B: out x r) padded with zeros to rank `rank`; B @ A is unchanged."""
+    return (torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])]),
+            torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +135,7 @@ def distill(args, pipe, layers, rank, per_expert, factors):
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from torch.func import functional_call
     pairs = [p for pairs_csv, rows in per_expert for p in pair_images(rows, pairs_csv)]
-    owner = torch.tensor([e for e, (_, rows) in enumerate(per_expert) for _ in rows])  # each pair's expert
+    members = torch.arange(len(pairs)).split([len(rows) for _, rows in per_expert])  # each expert's pairs
     anchor_files = sorted({anchors_csv(os.path.dirname(pairs_csv)) for pairs_csv, _ in per_expert})
     for path in anchor_files:
         if not os.path.exists(path):
@@ -149,8 +152,8 @@ def distill(args, pipe, layers, rank, per_expert, factors):
 
     def draw(step):  # a per-step generator, like stage 2: the run is reproducible
         g, n, e = step_generator(args.seed, step), args.distill_batch_size, step % len(teachers)
-        mine = (owner == e).nonzero()[:, 0]
-        i, a = mine[torch.randint(len(mine), (n,), generator=g)], torch.randint(len(anchors), (n,), generator=g)
+        i = members[e][torch.randint(len(members[e]), (n,), generator=g)]
+        a = torch.randint(len(anchors), (n,), generator=g)
         noise = torch.randn((n, *data.winners.shape[1:]), generator=g).to(args.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g).to(args.device)
         winner = (torch.rand(n, generator=g) < 0.5).to(args.device)[:, None, None, None]
@@ -198,8 +201,7 @@ def as_adapter_weights(expert, rank):
     weights = {}
     for name, (a, b) in expert.items():
         key = name.removeprefix("unet.")
-        weights[key + ".lora_A.default.weight"] = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-        weights[key + ".lora_B.default.weight"] = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
+        weights[key + ".lora_A.default.weight"], weights[key + ".lora_B.default.weight"] = pad_rank(a, b, rank)
     return weights
 
 
