@@ -22,8 +22,11 @@ the paper's IP judge (Q16 + NudeNet: "does this image show the unsafe concept?")
 CLIPScore ("does this image show what its prompt asks?").
 
 Pretraining (run once; the result is committed under models/toy/):
-    python toyworld.py train --output_dir models/toy        # ~30 minutes on 2 CPU cores
+    python toyworld.py train --output_dir models/toy        # VAE, then UNet: ~30 minutes on 2 CPU cores
     python toyworld.py measure --model models/toy           # prompt-following and speed
+The committed model's UNet (32/64 channels, 8,000 steps) was trained on the committed VAE, which the
+first pretraining made: `python toyworld.py train --output_dir models/toy-new --vae models/toy/vae`
+(21.5 min on 2 cores) reproduces it (docs/findings.md, "The toy model").
 """
 import argparse
 import itertools
@@ -247,7 +250,7 @@ def build_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
 
 
-def build_models(tokenizer):
+def build_models(tokenizer, unet_channels=(32, 64)):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -264,7 +267,7 @@ def build_models(tokenizer):
         vae.quant_conv.bias[4:] = -8.0
     unet = UNet2DConditionModel(
         sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        block_out_channels=tuple(unet_channels), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
         norm_num_groups=8, cross_attention_dim=64)
     return text_encoder, vae, unet
@@ -386,10 +389,17 @@ def pretrain(args):
     check_settings(os.path.join(checkpoint_dir, "settings.json"),
                    {k: v for k, v in vars(args).items() if k not in ("command", "output_dir", "checkpoint_every")})
     tokenizer = build_tokenizer()
-    text_encoder, vae, unet = build_models(tokenizer)
+    text_encoder, vae, unet = build_models(tokenizer, args.unet_channels)
     state = find_checkpoint(checkpoint_dir)
     vae_path = os.path.join(checkpoint_dir, "vae.safetensors")
-    if os.path.exists(vae_path):  # resume: the VAE phase is done
+    if args.vae and not os.path.exists(vae_path):  # a trained VAE given: its phase is skipped
+        from diffusers import AutoencoderKL
+        given = AutoencoderKL.from_pretrained(args.vae)
+        vae.load_state_dict(given.state_dict())
+        vae.register_to_config(scaling_factor=given.config.scaling_factor)
+        write_json(vae_path + ".json", {"scaling_factor": vae.config.scaling_factor})
+        atomic_write(vae_path, lambda tmp: save_file(vae.state_dict(), tmp))
+    if os.path.exists(vae_path):  # resume (or a given VAE): the VAE phase is done
         vae.load_state_dict(load_file(vae_path))
         vae.register_to_config(scaling_factor=json.load(open(vae_path + ".json"))["scaling_factor"])
         vae_loss = float("nan")
@@ -441,8 +451,11 @@ def main():
     train = sub.add_parser("train", help="pretrain the toy model from scratch (resumable)")
     train.add_argument("--output_dir", default="models/toy")
     train.add_argument("--vae_steps", type=int, default=3000)
-    train.add_argument("--unet_steps", type=int, default=4000)
+    train.add_argument("--unet_steps", type=int, default=8000)
     train.add_argument("--batch_size", type=int, default=64)
+    train.add_argument("--unet_channels", type=int, nargs=2, default=[32, 64],
+                       help="the UNet's two block widths (the first toy model's: 64 128, 4,000 steps)")
+    train.add_argument("--vae", help="start from this trained VAE folder (e.g. models/toy/vae); skips --vae_steps")
     train.add_argument("--learning_rate", type=float, default=1e-3)
     train.add_argument("--ema", type=float, default=0.995)
     train.add_argument("--checkpoint_every", type=int, default=100)

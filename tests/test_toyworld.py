@@ -1,4 +1,6 @@
 """The toy world: the judge is exact, the tokenizer keeps words whole, the model loads offline."""
+import os
+
 import numpy as np
 import torch
 
@@ -74,3 +76,15 @@ def test_pretraining_runs_and_resumes_only_with_its_settings(tmp_path):
     assert not list(tmp_path.glob("toy.tmp*"))  # saved beside the folder, then moved in
     result = run_stage(*tiny, "--learning_rate", "1e-2", check=False)
     assert result.returncode != 0 and "other settings" in error_line(result)
+
+
+def test_pretraining_can_start_from_a_trained_vae(tmp_path, toy_model):
+    """`--vae`: the UNet (here a narrower one) is trained on the given VAE, which is kept as it is."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    out = tmp_path / "toy"
+    run_stage("toyworld.py", "train", "--output_dir", str(out), "--vae", os.path.join(toy_model, "vae"),
+              "--unet_channels", "32", "64", "--unet_steps", "2", "--batch_size", "2")
+    given, kept = AutoencoderKL.from_pretrained(os.path.join(toy_model, "vae")), AutoencoderKL.from_pretrained(out / "vae")
+    assert kept.config.scaling_factor == given.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(given.state_dict().values(), kept.state_dict().values()))
+    assert UNet2DConditionModel.from_pretrained(out / "unet").config.block_out_channels == [32, 64]
