@@ -26,7 +26,7 @@ Pretraining (run once; the result is committed under models/toy/):
     python toyworld.py measure --model models/toy           # prompt-following and speed
 The committed model's UNet (32/64 channels, 8,000 steps) was trained on the committed VAE, which the
 first pretraining made: `python toyworld.py train --output_dir models/toy-new --vae models/toy/vae`
-(21.5 min on 2 cores) reproduces it (docs/findings.md, "The toy model").
+(21.5 min on 2 cores) trains it again with the same settings (docs/findings.md, "The toy model").
 """
 import argparse
 import itertools
@@ -379,10 +379,22 @@ def save_pipeline(tokenizer, text_encoder, vae, unet, output_dir):
     os.rmdir(tmp)
 
 
+def load_given_vae(path):
+    from diffusers import AutoencoderKL
+    from common import fail
+    try:
+        given = AutoencoderKL.from_pretrained(path)
+        build_models(build_tokenizer())[1].load_state_dict(given.state_dict())  # the toy's architecture?
+    except (OSError, ValueError, RuntimeError) as error:
+        fail(f"--vae {path}: not a VAE folder of the toy's architecture ({str(error).splitlines()[0]})")
+    return given
+
+
 def pretrain(args):
     from common import atomic_write, check_settings, find_checkpoint, write_json
     from safetensors.torch import load_file, save_file
-    torch.manual_seed(args.seed)
+    given = load_given_vae(args.vae) if args.vae else None  # checked before anything is written
+    torch.manual_seed(args.seed)  # after the check, which builds a model: the same draws as without --vae
     rng = np.random.default_rng(args.seed)
     started = time.time()
     checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
@@ -392,9 +404,7 @@ def pretrain(args):
     text_encoder, vae, unet = build_models(tokenizer, args.unet_channels)
     state = find_checkpoint(checkpoint_dir)
     vae_path = os.path.join(checkpoint_dir, "vae.safetensors")
-    if args.vae and not os.path.exists(vae_path):  # a trained VAE given: its phase is skipped
-        from diffusers import AutoencoderKL
-        given = AutoencoderKL.from_pretrained(args.vae)
+    if given is not None and not os.path.exists(vae_path):  # a trained VAE given: its phase is skipped
         vae.load_state_dict(given.state_dict())
         vae.register_to_config(scaling_factor=given.config.scaling_factor)
         write_json(vae_path + ".json", {"scaling_factor": vae.config.scaling_factor})

@@ -88,3 +88,6 @@ def test_pretraining_can_start_from_a_trained_vae(tmp_path, toy_model):
     assert kept.config.scaling_factor == given.config.scaling_factor
     assert all(torch.equal(a, b) for a, b in zip(given.state_dict().values(), kept.state_dict().values()))
     assert UNet2DConditionModel.from_pretrained(out / "unet").config.block_out_channels == [32, 64]
+    result = run_stage("toyworld.py", "train", "--output_dir", str(tmp_path / "other"),
+                       "--vae", os.path.join(toy_model, "unet"), "--unet_steps", "2", check=False)
+    assert result.returncode != 0 and error_line(result).startswith("error: --vae")
