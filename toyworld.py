@@ -379,42 +379,39 @@ def save_pipeline(tokenizer, text_encoder, vae, unet, output_dir):
     os.rmdir(tmp)
 
 
-def load_given_vae(path):
+def load_given_vae(vae, path):
+    """`--vae`: the trained VAE at `path`, loaded into `vae` (refused unless it has the toy's architecture)."""
     from diffusers import AutoencoderKL
     from common import fail
     try:
         given = AutoencoderKL.from_pretrained(path)
-        build_models(build_tokenizer())[1].load_state_dict(given.state_dict())  # the toy's architecture?
+        vae.load_state_dict(given.state_dict())
     except (OSError, ValueError, RuntimeError) as error:
         fail(f"--vae {path}: not a VAE folder of the toy's architecture ({str(error).splitlines()[0]})")
-    return given
+    vae.register_to_config(scaling_factor=given.config.scaling_factor)
 
 
 def pretrain(args):
     from common import atomic_write, check_settings, find_checkpoint, write_json
     from safetensors.torch import load_file, save_file
-    given = load_given_vae(args.vae) if args.vae else None  # checked before anything is written
-    torch.manual_seed(args.seed)  # after the check, which builds a model: the same draws as without --vae
+    torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     started = time.time()
+    tokenizer = build_tokenizer()
+    text_encoder, vae, unet = build_models(tokenizer, args.unet_channels)
+    if args.vae:
+        load_given_vae(vae, args.vae)  # checked before anything is written
     checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
     check_settings(os.path.join(checkpoint_dir, "settings.json"),
                    {k: v for k, v in vars(args).items() if k not in ("command", "output_dir", "checkpoint_every")})
-    tokenizer = build_tokenizer()
-    text_encoder, vae, unet = build_models(tokenizer, args.unet_channels)
     state = find_checkpoint(checkpoint_dir)
     vae_path = os.path.join(checkpoint_dir, "vae.safetensors")
-    if given is not None and not os.path.exists(vae_path):  # a trained VAE given: its phase is skipped
-        vae.load_state_dict(given.state_dict())
-        vae.register_to_config(scaling_factor=given.config.scaling_factor)
-        write_json(vae_path + ".json", {"scaling_factor": vae.config.scaling_factor})
-        atomic_write(vae_path, lambda tmp: save_file(vae.state_dict(), tmp))
-    if os.path.exists(vae_path):  # resume (or a given VAE): the VAE phase is done
+    if os.path.exists(vae_path):  # resume: the VAE phase is done
         vae.load_state_dict(load_file(vae_path))
         vae.register_to_config(scaling_factor=json.load(open(vae_path + ".json"))["scaling_factor"])
         vae_loss = float("nan")
-    else:
-        vae_loss = train_vae(vae, args, rng)
+    else:  # train the VAE, or keep the given one; either way the phase is recorded as done
+        vae_loss = float("nan") if args.vae else train_vae(vae, args, rng)
         write_json(vae_path + ".json", {"scaling_factor": vae.config.scaling_factor})
         atomic_write(vae_path, lambda tmp: save_file(vae.state_dict(), tmp))
     vae.requires_grad_(False).eval()
