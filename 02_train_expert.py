@@ -243,9 +243,9 @@ def parse_args(argv=None):
     parser.add_argument("--scale_lr", action="store_true",
                         help="multiply the learning rate by accumulation x batch size (the release does)")
     parser.add_argument("--lr_warmup_steps", type=nonnegative_int, default=0, help="linear warm-up (the release: 500)")
-    parser.add_argument("--train_batch_size", type=positive_int, default=16, help="pairs per micro-step (global over processes)")
+    parser.add_argument("--train_batch_size", type=positive_int, default=32, help="pairs per micro-step (global over processes)")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    parser.add_argument("--max_train_steps", type=positive_int, default=150, help="optimizer steps (0 would be an expert that changes nothing)")
+    parser.add_argument("--max_train_steps", type=positive_int, default=300, help="optimizer steps (0 would be an expert that changes nothing)")
     parser.add_argument("--max_grad_norm", type=nonnegative_float, default=0.0, help="gradient clipping (0: off; the release: 1)")
     parser.add_argument("--empty_prompt_share", type=fraction, default=0.0,
                         help="share of empty prompts (the release: 0.2; the anchors hold the unconditional branch here)")

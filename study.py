@@ -92,7 +92,7 @@ def run_pipeline(args, seed, scale):
     variants = {}
     for category in CATEGORIES + ["all"]:
         out = os.path.join(work, "experts", slug(category))
-        steps = 2100 if category == "all" else 150  # all-data: the experts' + the distillation's compute
+        steps = 2700 if category == "all" else 300  # all-data: the experts' + the distillation's compute
         stage("02_train_expert.py", "--pairs", pairs, "--category", category, "--output_dir", out,
               "--seed", seed, "--max_train_steps", steps, *args.train_args.split())
         if category == "all":
