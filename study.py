@@ -92,9 +92,10 @@ def run_pipeline(args, seed, scale):
     variants = {}
     for category in CATEGORIES + ["all"]:
         out = os.path.join(work, "experts", slug(category))
-        steps = 2700 if category == "all" else 300  # all-data: the experts' + the distillation's compute
+        # experts: stage 2's defaults; all-data: the experts' + the distillation's compute, as in run_toy.sh
+        steps = ["--max_train_steps", 2700] if category == "all" else []
         stage("02_train_expert.py", "--pairs", pairs, "--category", category, "--output_dir", out,
-              "--seed", seed, "--max_train_steps", steps, *args.train_args.split())
+              "--seed", seed, *steps, *args.train_args.split())
         if category == "all":
             variants["all-data"] = out
         elif scale == args.main_scale:
