@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 import toyworld
 from common import (DTYPES, TrainingData, add_lora, anchor_condition, atomic_write, anchor_images, anchors_csv, barrier,
-                    check_output_dir, check_settings, dpo_loss, encode_training_data, fail, find_checkpoint,
+                    check_output_dir, check_settings, dpo_loss, encode_training_data, fail, files_sha256, find_checkpoint,
                     fraction, generate, init_distributed, load_checkpoint, load_pipeline, nonnegative_float,
                     nonnegative_int, pair_images, positive_float, positive_int, read_json, read_pairs, reference_prediction,
                     save_checkpoint, save_lora, slug, step_generator, use_device, write_json)
@@ -318,20 +318,6 @@ def check_training_resume(args, pairs, anchors, checkpoint_dir, process):
         check_settings(path, settings)
     elif process == 0:  # nothing to resume yet: this run's settings replace any earlier ones
         write_json(path, settings)
-
-
-def files_sha256(paths):
-    """One digest of several files' contents, in order (what training reads, not only names)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        except OSError as error:
-            fail(f"cannot read {path} ({error.strerror or error})")
-        digest.update(b"\0")  # file boundaries count
-    return digest.hexdigest()
 
 
 def mean_over_ranks(stats, device):

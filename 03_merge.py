@@ -23,11 +23,13 @@ the anchor prompts what the base model predicts.
 
     E=experts/toy; experts="$E/hate $E/harassment $E/violence $E/self-harm $E/sexual $E/shocking $E/illegal-activity"
     python 03_merge.py $experts --method comerge --output_dir merged/toy/comerge
-    python 03_merge.py $experts --method comerge --distill_steps 1600 --output_dir merged/toy/comerge-distilled
+    python 03_merge.py $experts --method comerge --distill_steps 3200 --output_dir merged/toy/comerge-distilled
 
-The output loads with plain `pipe.load_lora_weights(output_dir)`.
+The output loads with plain `pipe.load_lora_weights(output_dir)`. A killed distillation resumes
+from <output_dir>/checkpoint/ when rerun with the same settings; a finished one is read back there.
 """
 import argparse
+import hashlib
 import math
 import os
 import random
@@ -37,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (add_lora, anchor_condition, anchor_images, anchors_csv, check_output_dir, encode_training_data, fail,
-                    finite_float, fraction, generate, load_lora_into, load_pipeline, nonnegative_float, nonnegative_int,
-                    pair_images, positive_float, positive_int, read_lora, read_pairs, reference_prediction, save_lora,
-                    step_generator)
+from common import (add_lora, anchor_condition, anchor_images, anchors_csv, check_output_dir, check_settings,
+                    encode_training_data, fail, files_sha256, find_checkpoint, finite_float, fraction, generate,
+                    load_checkpoint, load_lora_into, load_pipeline, nonnegative_float, nonnegative_int, pair_images,
+                    positive_float, positive_int, read_lora, read_pairs, reference_prediction, save_checkpoint, save_lora,
+                    step_generator, write_json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,20 +182,58 @@ def distill(args, pipe, layers, rank, per_expert, factors):
         with torch.no_grad():
             return [sum(errors(b)[k].item() for b in fixed) / len(fixed) for k in (0, 1)]
     before = fixed_errors()
-    for step in tqdm(range(args.distill_steps), desc="distilling the experts into the merge"):
+    checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
+    start = resume_distillation(args, rank, per_expert, factors, checkpoint_dir, params, optimizer)
+    for step in tqdm(range(start, args.distill_steps), desc="distilling the experts into the merge", initial=start,
+                     total=args.distill_steps):
         expert_error, drift = errors(draw(step))
         loss = args.distill_expert_weight * expert_error + args.distill_anchor_weight * drift
         if not math.isfinite(loss.item()):
-            fail(f"distillation loss is {loss.item()} at step {step}; nothing was written")
+            fail(f"distillation loss is {loss.item()} at step {step}; the merged LoRA was not written")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if (step + 1) % DISTILL_CHECKPOINT_EVERY == 0 or step + 1 == args.distill_steps:
+            save_checkpoint(checkpoint_dir, {"lora": params}, optimizer, step + 1)
     after = fixed_errors()
     return get_peft_model_state_dict(unet), {
         "steps": args.distill_steps, "learning_rate": args.distill_learning_rate, "batch_size": args.distill_batch_size,
         "expert_weight": args.distill_expert_weight, "anchor_weight": args.distill_anchor_weight,
         "expert_error_before": before[0], "expert_error_after": after[0],
         "anchor_drift_before": before[1], "anchor_drift_after": after[1]}
+
+
+# A killed distillation resumes from <output_dir>/checkpoint/, written every this many steps; a
+# finished one is not redone (rerun run_toy.sh: the merge is read back, not trained again).
+DISTILL_CHECKPOINT_EVERY = 400
+# What a resumed distillation must share with the run that wrote the checkpoint (--distill_steps may grow).
+DISTILL_RESUME_KEYS = ("model", "method", "scale", "density", "activation_prompts", "prompts_per_expert", "steps",
+                       "distill_learning_rate", "distill_batch_size", "distill_expert_weight", "distill_anchor_weight",
+                       "seed")
+
+
+def resume_distillation(args, rank, per_expert, factors, checkpoint_dir, params, optimizer):
+    """The step to start from: 0, or where the checkpoint of the same distillation (the same
+    settings, the same experts' weights and pairs) stopped; its LoRA and optimizer are loaded in place."""
+    experts = hashlib.sha256()  # the weights' values (a re-saved expert file may differ in its bytes only)
+    for expert in factors:
+        for name in sorted(expert):
+            experts.update(name.encode() + b"".join(t.contiguous().numpy().tobytes() for t in expert[name]))
+    settings = {**{k: getattr(args, k) for k in DISTILL_RESUME_KEYS}, "rank": rank, "experts_sha256": experts.hexdigest(),
+                "pairs_sha256": files_sha256(sorted({pairs_csv for pairs_csv, _ in per_expert}))}
+    path, state = os.path.join(checkpoint_dir, "settings.json"), find_checkpoint(checkpoint_dir)
+    if not state:  # nothing to resume: this run's settings replace any earlier ones
+        write_json(path, settings)
+        return 0
+    if not os.path.exists(path):
+        fail(f"{checkpoint_dir} holds a checkpoint without its settings.json; use a new --output_dir")
+    check_settings(path, settings)
+    start = load_checkpoint(state, {"lora": params}, optimizer)
+    if start > args.distill_steps:
+        fail(f"{checkpoint_dir} is at step {start}, past --distill_steps {args.distill_steps}; "
+             "use a new --output_dir for a shorter distillation")
+    print(f"03 distill: resuming at step {start} of {args.distill_steps} ({checkpoint_dir})")
+    return start
 
 
 def as_adapter_weights(expert, rank):
@@ -231,8 +272,8 @@ def parse_args():
     parser.add_argument("--distill_batch_size", type=positive_int, default=16)
     parser.add_argument("--distill_expert_weight", type=nonnegative_float, default=300.0,
                         help="distill: weight of predicting each expert on its unsafe prompts")
-    parser.add_argument("--distill_anchor_weight", type=nonnegative_float, default=1000.0,
-                        help="distill: weight of predicting the reference on anchor prompts")
+    parser.add_argument("--distill_anchor_weight", type=nonnegative_float, default=3000.0,
+                        help="distill: weight of predicting the reference on anchor prompts (docs/efficacy.md, section 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", help="default: merged/<method>")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

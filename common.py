@@ -5,6 +5,7 @@ and anchors; the training data of stages 2 and 3; torchrun helpers. A file forma
 its writer, even where one stage writes and another reads."""
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -159,6 +160,20 @@ def write_text(path, text):
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def files_sha256(paths):
+    """One digest of several files' contents, in order (what training reads, not only names)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as error:
+            fail(f"cannot read {path} ({error.strerror or error})")
+        digest.update(b"\0")  # file boundaries count
+    return digest.hexdigest()
 
 
 def check_settings(path, settings, write=True):

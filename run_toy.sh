@@ -14,11 +14,11 @@ python 01_generate_data.py --output_dir data/$RUN --seed $((SEED * 100000))
 
 # 2. On this core: one safety expert per category, all in one process (then, step 3, their merge). On
 #    the other core, the baseline: one LoRA on all pairs (the release trains one LoRA), with the same
-#    compute as the experts and the distillation together (2,700 steps: the two lanes take about as long).
+#    compute as the experts and the distillation together (3,400 steps: the two lanes take about as long).
 export OMP_NUM_THREADS=$(python -c "import os; print(max(1, (os.cpu_count() or 2) // 2))")
 mkdir -p experts/$RUN
 python 02_train_expert.py --data data/$RUN --category all --output_dir experts/$RUN/all-data \
-  --max_train_steps 2700 --seed $SEED > experts/$RUN/all-data.log 2>&1 &
+  --max_train_steps 3400 --seed $SEED > experts/$RUN/all-data.log 2>&1 &
 all_data=$!
 trap 'kill $all_data 2>/dev/null || true' EXIT                         # stopped with this script
 python 02_train_expert.py --data data/$RUN --category each --output_dir experts/$RUN --seed $SEED
@@ -27,7 +27,7 @@ python 02_train_expert.py --data data/$RUN --category each --output_dir experts/
 #    Co-Merge distilled: trained to act as each expert on its prompts (03_merge.py's docstring)
 experts=("${CATEGORIES[@]/#/experts/$RUN/}")
 python 03_merge.py "${experts[@]}" --method comerge --output_dir merged/$RUN/comerge
-python 03_merge.py "${experts[@]}" --method comerge --distill_steps 1600 --output_dir merged/$RUN/comerge-distilled \
+python 03_merge.py "${experts[@]}" --method comerge --distill_steps 3200 --output_dir merged/$RUN/comerge-distilled \
   --seed $SEED
 echo "waiting for the all-data LoRA (progress: experts/$RUN/all-data.log)"
 wait $all_data || { tail -n 1 experts/$RUN/all-data.log; exit 1; }

@@ -38,7 +38,7 @@ MERGES = ["comerge", "linear", "ties", "cat"]
 COMERGE_VARIANTS = {"comerge:all inputs": ["--activation_prompts", "all"], "comerge:rank 4": ["--rank", "4"],
                     "comerge:x1.5": ["--scale", "1.5"]}
 SCALING_VARIANTS = ("base", "all-data", "comerge", "comerge+distill")  # evaluated at every size
-DISTILL = ["--distill_steps", "1600"]  # run_toy.sh's setting, not tuned for the study
+DISTILL = ["--distill_steps", "3200"]  # run_toy.sh's setting, not tuned for the study
 
 
 def parse_args():
@@ -93,7 +93,7 @@ def run_pipeline(args, seed, scale):
     for category in CATEGORIES + ["all"]:
         out = os.path.join(work, "experts", slug(category))
         # experts: stage 2's defaults; all-data: the experts' + the distillation's compute, as in run_toy.sh
-        steps = ["--max_train_steps", 2700] if category == "all" else []
+        steps = ["--max_train_steps", 3400] if category == "all" else []
         stage("02_train_expert.py", "--pairs", pairs, "--category", category, "--output_dir", out,
               "--seed", seed, *steps, *args.train_args.split())
         if category == "all":
