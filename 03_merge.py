@@ -146,6 +146,8 @@ def distill(args, pipe, layers, rank, per_expert, factors):
     anchors = sorted({a for path in anchor_files for a in anchor_images(path)})
     if not anchors:
         fail(f"--distill_steps needs anchors: {', '.join(anchor_files)} list none")
+    checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
+    state = distillation_checkpoint(args, rank, factors, pairs, anchors, checkpoint_dir)  # before any work
     data = encode_training_data(pipe, pairs, anchors)
     unet, scheduler = pipe.unet, pipe.scheduler
     params = add_lora(unet, rank, rank)  # alpha = rank: the factors carry the scale
@@ -182,14 +184,14 @@ def distill(args, pipe, layers, rank, per_expert, factors):
         with torch.no_grad():
             return [sum(errors(b)[k].item() for b in fixed) / len(fixed) for k in (0, 1)]
     before = fixed_errors()
-    checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
-    start = resume_distillation(args, rank, per_expert, factors, checkpoint_dir, params, optimizer)
+    start = resume_distillation(args, state, params, optimizer)
     for step in tqdm(range(start, args.distill_steps), desc="distilling the experts into the merge", initial=start,
                      total=args.distill_steps):
         expert_error, drift = errors(draw(step))
         loss = args.distill_expert_weight * expert_error + args.distill_anchor_weight * drift
         if not math.isfinite(loss.item()):
-            fail(f"distillation loss is {loss.item()} at step {step}; the merged LoRA was not written")
+            fail(f"distillation loss is {loss.item()} at step {step}; the merged LoRA was not written (the checkpoint "
+                 f"in {checkpoint_dir}, if any, is kept: lower --distill_learning_rate in a new --output_dir)")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -212,27 +214,37 @@ DISTILL_RESUME_KEYS = ("model", "method", "scale", "density", "activation_prompt
                        "seed")
 
 
-def resume_distillation(args, rank, per_expert, factors, checkpoint_dir, params, optimizer):
-    """The step to start from: 0, or where the checkpoint of the same distillation (the same
-    settings, the same experts' weights and pairs) stopped; its LoRA and optimizer are loaded in place."""
+def distillation_checkpoint(args, rank, factors, pairs, anchors, checkpoint_dir):
+    """The checkpoint to resume from, or None: only one written by the same distillation (the same
+    settings, the same experts' weights, the same pairs, anchors and images) is resumed."""
     experts = hashlib.sha256()  # the weights' values (a re-saved expert file may differ in its bytes only)
     for expert in factors:
         for name in sorted(expert):
             experts.update(name.encode() + b"".join(t.contiguous().numpy().tobytes() for t in expert[name]))
+    images = [p[k] for p in pairs for k in ("winner_image", "loser_image")] + [image for _, image in anchors]
     settings = {**{k: getattr(args, k) for k in DISTILL_RESUME_KEYS}, "rank": rank, "experts_sha256": experts.hexdigest(),
-                "pairs_sha256": files_sha256(sorted({pairs_csv for pairs_csv, _ in per_expert}))}
+                "pairs": [[p["unsafe_prompt"], p["safe_prompt"]] for p in pairs], "anchors": [a for a, _ in anchors],
+                "images_sha256": files_sha256(images)}
     path, state = os.path.join(checkpoint_dir, "settings.json"), find_checkpoint(checkpoint_dir)
     if not state:  # nothing to resume: this run's settings replace any earlier ones
         write_json(path, settings)
-        return 0
+        return None
     if not os.path.exists(path):
         fail(f"{checkpoint_dir} holds a checkpoint without its settings.json; use a new --output_dir")
     check_settings(path, settings)
+    return state
+
+
+def resume_distillation(args, state, params, optimizer):
+    """The step to start from (0 without a checkpoint); the checkpoint's LoRA and optimizer are loaded in place."""
+    if not state:
+        return 0
     start = load_checkpoint(state, {"lora": params}, optimizer)
     if start > args.distill_steps:
-        fail(f"{checkpoint_dir} is at step {start}, past --distill_steps {args.distill_steps}; "
+        fail(f"{state} is at step {start}, past --distill_steps {args.distill_steps}; "
              "use a new --output_dir for a shorter distillation")
-    print(f"03 distill: resuming at step {start} of {args.distill_steps} ({checkpoint_dir})")
+    done = "finished, read back" if start == args.distill_steps else "resuming"
+    print(f"03 distill: {done} at step {start} of {args.distill_steps} ({os.path.dirname(state)})")
     return start
 
 
@@ -348,7 +360,7 @@ def main():
     if args.distill_steps and rank < infos[0]["rank"]:
         fail(f"--distill_steps needs --rank of at least the experts' rank ({infos[0]['rank']}): the merge must be able "
              f"to act as each expert; got --rank {rank}")
-    model = args.model or infos[0]["base_model"]
+    model = args.model = args.model or infos[0]["base_model"]  # as the distillation's checkpoint records it
     if args.method == "comerge" or args.distill_steps:
         pipe = load_pipeline(model, args.device)
         if args.distill_steps and pipe.unet.config.sample_size > 8:  # larger than the toy's 8x8 latents

@@ -117,8 +117,9 @@ def run_pipeline(args, seed, scale):
 
 
 def merge(experts, data, out, *flags):
-    """Stage 3 into out, unless an earlier run finished it; returns out."""
-    if not os.path.exists(os.path.join(out, "lora.json")):
+    """Stage 3 into out, unless an earlier run finished a plain merge there (a distillation: stage 3
+    reads a finished one back, resumes a killed one, refuses one of other settings); returns out."""
+    if "--distill_steps" in flags or not os.path.exists(os.path.join(out, "lora.json")):
         stage("03_merge.py", *experts, *flags, "--data", data, "--output_dir", out)
     return out
 
