@@ -33,8 +33,6 @@ process trains on its share of the same global batch (DDP), so the result does n
 number of processes.
 """
 import argparse
-import hashlib
-import json
 import math
 import os
 import time
@@ -46,7 +44,7 @@ from tqdm import tqdm
 
 import toyworld
 from common import (DTYPES, TrainingData, add_lora, anchor_condition, atomic_write, anchor_images, anchors_csv, barrier,
-                    check_output_dir, check_settings, dpo_loss, encode_training_data, fail, files_sha256, find_checkpoint,
+                    check_output_dir, checkpoint_to_resume, data_fingerprint, dpo_loss, encode_training_data, fail, find_checkpoint,
                     fraction, generate, init_distributed, load_checkpoint, load_pipeline, nonnegative_float,
                     nonnegative_int, pair_images, positive_float, positive_int, read_json, read_pairs, reference_prediction,
                     save_checkpoint, save_lora, slug, step_generator, use_device, write_json)
@@ -122,7 +120,7 @@ def learning_rate_at(args, step):
 def train(args, pipe, pairs, anchors, output_dir, process=0, world=1):
     unet = pipe.unet
     checkpoint_dir = os.path.join(output_dir, "checkpoint")
-    check_training_resume(args, pairs, anchors, checkpoint_dir, process)
+    state = check_training_resume(args, pairs, anchors, checkpoint_dir, process)
     data = encode_training_data(pipe, pairs, anchors, DTYPES[args.mixed_precision])
     torch.manual_seed(args.seed)  # the expert's gaussian init: the same for every expert of a run
     lora_params = add_lora(unet, args.rank, args.alpha)
@@ -132,7 +130,6 @@ def train(args, pipe, pairs, anchors, output_dir, process=0, world=1):
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(lora_params, lr=learning_rate_at(args, 0))
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
-    state = find_checkpoint(checkpoint_dir)
     start = load_checkpoint(state, {"lora": lora_params}, optimizer, scaler) if state else 0
     if start > args.max_train_steps:
         fail(f"{checkpoint_dir} is at step {start}, past --max_train_steps {args.max_train_steps}; "
@@ -300,24 +297,10 @@ RESUME_KEYS = ("model", "category", "rank", "alpha", "beta", "sft_weight", "sft_
 
 
 def check_training_resume(args, pairs, anchors, checkpoint_dir, process):
-    """Refuse to continue a checkpoint trained with other settings or other pairs (a regenerated
-    pairs.csv): the result would belong to neither run."""
-    def fingerprint(rows):  # prompts and image names, not paths: a moved data folder still resumes
-        names = [[os.path.basename(v) if k.endswith("image") else v for k, v in sorted(r.items())] for r in rows]
-        return hashlib.sha256(json.dumps(names).encode()).hexdigest()
-    settings = {**{k: getattr(args, k) for k in RESUME_KEYS}, "pairs": len(pairs),
-                "pairs_sha256": fingerprint(pairs), "anchors": len(anchors),
-                "anchors_sha256": fingerprint([{"prompt": p, "image": i} for p, i in anchors]),
-                # what training reads: a re-rendered image under the same name is another run
-                "images_sha256": files_sha256([p[k] for p in pairs for k in ("winner_image", "loser_image")]
-                                              + [i for _, i in anchors])}
-    path = os.path.join(checkpoint_dir, "settings.json")
-    if find_checkpoint(checkpoint_dir):
-        if not os.path.exists(path):
-            fail(f"{checkpoint_dir} holds a checkpoint without its settings.json; use a new --output_dir")
-        check_settings(path, settings)
-    elif process == 0:  # nothing to resume yet: this run's settings replace any earlier ones
-        write_json(path, settings)
+    """The checkpoint to resume, or None; one trained with other settings or other pairs (a
+    regenerated pairs.csv) is refused."""
+    settings = {**{k: getattr(args, k) for k in RESUME_KEYS}, **data_fingerprint(pairs, anchors)}
+    return checkpoint_to_resume(checkpoint_dir, settings, write=process == 0)
 
 
 def mean_over_ranks(stats, device):

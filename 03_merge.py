@@ -39,11 +39,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (add_lora, anchor_condition, anchor_images, anchors_csv, check_output_dir, check_settings,
-                    encode_training_data, fail, files_sha256, find_checkpoint, finite_float, fraction, generate,
-                    load_checkpoint, load_lora_into, load_pipeline, nonnegative_float, nonnegative_int, pair_images,
-                    positive_float, positive_int, read_lora, read_pairs, reference_prediction, save_checkpoint, save_lora,
-                    step_generator, write_json)
+from common import (add_lora, anchor_condition, anchor_images, anchors_csv, check_output_dir, checkpoint_to_resume,
+                    data_fingerprint, encode_training_data, fail, finite_float, fraction, generate, load_checkpoint,
+                    load_lora_into, load_pipeline, nonnegative_float, nonnegative_int, pair_images, positive_float,
+                    positive_int, read_lora, read_pairs, reference_prediction, save_checkpoint, save_lora, step_generator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +183,13 @@ def distill(args, pipe, layers, rank, per_expert, factors):
         with torch.no_grad():
             return [sum(errors(b)[k].item() for b in fixed) / len(fixed) for k in (0, 1)]
     before = fixed_errors()
-    start = resume_distillation(args, state, params, optimizer)
+    start = load_checkpoint(state, {"lora": params}, optimizer) if state else 0
+    if start > args.distill_steps:
+        fail(f"{checkpoint_dir} is at step {start}, past --distill_steps {args.distill_steps}; "
+             "use a new --output_dir for a shorter distillation")
+    if state:
+        done = "finished, read back" if start == args.distill_steps else "resuming"
+        print(f"03 distill: {done} at step {start} of {args.distill_steps} ({checkpoint_dir})")
     for step in tqdm(range(start, args.distill_steps), desc="distilling the experts into the merge", initial=start,
                      total=args.distill_steps):
         expert_error, drift = errors(draw(step))
@@ -221,31 +226,9 @@ def distillation_checkpoint(args, rank, factors, pairs, anchors, checkpoint_dir)
     for expert in factors:
         for name in sorted(expert):
             experts.update(name.encode() + b"".join(t.contiguous().numpy().tobytes() for t in expert[name]))
-    images = [p[k] for p in pairs for k in ("winner_image", "loser_image")] + [image for _, image in anchors]
     settings = {**{k: getattr(args, k) for k in DISTILL_RESUME_KEYS}, "rank": rank, "experts_sha256": experts.hexdigest(),
-                "pairs": [[p["unsafe_prompt"], p["safe_prompt"]] for p in pairs], "anchors": [a for a, _ in anchors],
-                "images_sha256": files_sha256(images)}
-    path, state = os.path.join(checkpoint_dir, "settings.json"), find_checkpoint(checkpoint_dir)
-    if not state:  # nothing to resume: this run's settings replace any earlier ones
-        write_json(path, settings)
-        return None
-    if not os.path.exists(path):
-        fail(f"{checkpoint_dir} holds a checkpoint without its settings.json; use a new --output_dir")
-    check_settings(path, settings)
-    return state
-
-
-def resume_distillation(args, state, params, optimizer):
-    """The step to start from (0 without a checkpoint); the checkpoint's LoRA and optimizer are loaded in place."""
-    if not state:
-        return 0
-    start = load_checkpoint(state, {"lora": params}, optimizer)
-    if start > args.distill_steps:
-        fail(f"{state} is at step {start}, past --distill_steps {args.distill_steps}; "
-             "use a new --output_dir for a shorter distillation")
-    done = "finished, read back" if start == args.distill_steps else "resuming"
-    print(f"03 distill: {done} at step {start} of {args.distill_steps} ({os.path.dirname(state)})")
-    return start
+                **data_fingerprint(pairs, anchors)}
+    return checkpoint_to_resume(checkpoint_dir, settings)
 
 
 def as_adapter_weights(expert, rank):

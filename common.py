@@ -196,6 +196,35 @@ def find_checkpoint(directory):
     return path if os.path.exists(path) else None
 
 
+def checkpoint_to_resume(directory, settings, write=True):
+    """The checkpoint in `directory` to resume from, or None. It is resumed only by a run of the same
+    settings (else check_settings fails, naming what changed): the result would belong to neither
+    run. Without a checkpoint these settings replace any earlier ones (write=False: another process
+    writes them)."""
+    path, state = os.path.join(directory, "settings.json"), find_checkpoint(directory)
+    if not state:
+        if write:
+            write_json(path, settings)
+        return None
+    if not os.path.exists(path):
+        fail(f"{directory} holds a checkpoint without its settings.json; use a new --output_dir")
+    check_settings(path, settings)
+    return state
+
+
+def data_fingerprint(pairs, anchors):
+    """What a training run reads, for its checkpoint's settings: the pairs and anchors (prompts and
+    image names, not paths: a moved data folder still resumes) and the images' contents (a
+    re-rendered image under the same name is another run)."""
+    def names(rows):
+        rows = [[os.path.basename(v) if k.endswith("image") else v for k, v in sorted(r.items())] for r in rows]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    return {"pairs": len(pairs), "pairs_sha256": names(pairs), "anchors": len(anchors),
+            "anchors_sha256": names([{"prompt": p, "image": i} for p, i in anchors]),
+            "images_sha256": files_sha256([p[k] for p in pairs for k in ("winner_image", "loser_image")]
+                                          + [i for _, i in anchors])}
+
+
 def save_checkpoint(directory, tensors, optimizer, step, scaler=None):
     """Lists of tensors (weights, EMA copies), the optimizer state and (fp16) the gradient scaler's
     state in one safetensors file."""
