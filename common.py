@@ -1,8 +1,8 @@
 """What two or more of the project's scripts share (the four stages, and toyworld.py, study.py and
-bench.py beside them), in this order: the Diffusion-DPO loss; flag and input checks; atomic writes
-and resumable checkpoints; pipeline loading and seeded generation; LoRA files; the CoProV2 pair CSV
-and anchors; the training data of stages 2 and 3; torchrun helpers. A file format's reader stays beside
-its writer, even where one stage writes and another reads."""
+bench.py beside them), in this order: the Diffusion-DPO loss; flag and input checks; atomic writes;
+resumable checkpoints and the settings that wrote them; pipeline loading and seeded generation; LoRA
+files; the CoProV2 pair CSV and anchors; the training data of stages 2 and 3; torchrun helpers. A
+file format's reader stays beside its writer, even where one stage writes and another reads."""
 import argparse
 import csv
 import hashlib
@@ -162,6 +162,10 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Resume: a run continues only the checkpoint that runs of its own settings wrote
+# ---------------------------------------------------------------------------------------------
 def files_sha256(paths):
     """One digest of several files' contents, in order (what training reads, not only names)."""
     digest = hashlib.sha256()
