@@ -103,6 +103,20 @@ def test_expert_loads_into_a_plain_pipeline_and_changes_it(work, toy_model):
     assert np.abs(image() - base).max() > 1e-3
 
 
+def test_cross_attention_experiment_trains_an_expert_on_attn2_only(work, toy_model, tmp_path):
+    """docs/cross_attention_lora.py (an experiment beside the stages): stage 2, its LoRA on attn2 only."""
+    out = tmp_path / "xattn"
+    run_stage("docs/cross_attention_lora.py", "--model", toy_model, "--data", str(work / "data"), "--category",
+              "Violence", "--output_dir", str(out), *TINY_TRAIN)
+    info, layers = read_lora(str(out))
+    assert info["targets"] == ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+    assert layers and all(".attn2." in k for k in layers)
+    assert any(".attn1." in k for k in read_lora(str(work / "Violence"))[1])  # the stage alone: every attention layer
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(toy_model, safety_checker=None, dtype=torch.float32)
+    pipe.load_lora_weights(str(out))  # a plain pipeline reads it (the file's own metadata)
+
+
 @pytest.mark.parametrize("method", ["comerge", "ties"])
 def test_merged_lora_loads_with_plain_load_lora_weights(work, toy_model, method):
     out = work / f"merged-{method}"

@@ -1,0 +1,30 @@
+"""Experiment behind docs/efficacy.md §3 ("More levers on the experts' fidelity"): stage 2 with its
+LoRA on the cross-attention only (attn2's to_q, to_k, to_v, to_out.0) instead of on every attention
+layer, self-attention included (the release's targets, common.LORA_TARGETS).
+
+The question: do the experts' shape errors on safe prompts come from the self-attention LoRA, which
+acts on every image's spatial layout, while a colour is bound to its word through cross-attention?
+Every argument goes to 02_train_expert.py unchanged:
+
+    python docs/cross_attention_lora.py --data data/toy --category each --seed 0 --output_dir experts/toy-xattn
+    python 04_evaluate.py --lora hate=experts/toy-xattn/hate ... --eval_seed 2000000 --seeds_per_prompt 2
+
+The answer (three seeds, all seven experts): no; it moves which experts lose fidelity, not how many.
+"""
+import functools
+import os
+import runpy
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+CROSS_ATTENTION = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]  # peft matches name suffixes
+
+if __name__ == "__main__":
+    # Stage 2 imports these two names from common when it starts: rebind them before it runs.
+    common.add_lora = functools.partial(common.add_lora, targets=CROSS_ATTENTION)
+    common.save_lora = functools.partial(common.save_lora, targets=CROSS_ATTENTION)
+    sys.argv = ["02_train_expert.py", *sys.argv[1:]]
+    runpy.run_path(os.path.join(ROOT, "02_train_expert.py"), run_name="__main__")
