@@ -4,10 +4,15 @@ layer, self-attention included (the release's targets, common.LORA_TARGETS).
 
 The question: do the experts' shape errors on safe prompts come from the self-attention LoRA, which
 acts on every image's spatial layout, while a colour is bound to its word through cross-attention?
-Every argument goes to 02_train_expert.py unchanged:
+Every argument goes to 02_train_expert.py unchanged. From the repository root, after stage 1
+(`bash run_toy.sh` writes data/toy), into a new output folder (stage 2's resume check does not
+know the LoRA's targets, so a folder with a default expert's checkpoint is refused only later):
 
     python docs/cross_attention_lora.py --data data/toy --category each --seed 0 --output_dir experts/toy-xattn
-    python 04_evaluate.py --lora hate=experts/toy-xattn/hate ... --eval_seed 2000000 --seeds_per_prompt 2
+    python 04_evaluate.py --eval_seed 2000000 --seeds_per_prompt 2 --output_dir results/toy-xattn --lora \
+        hate=experts/toy-xattn/hate harassment=experts/toy-xattn/harassment violence=experts/toy-xattn/violence \
+        self-harm=experts/toy-xattn/self-harm sexual=experts/toy-xattn/sexual shocking=experts/toy-xattn/shocking \
+        illegal-activity=experts/toy-xattn/illegal-activity
 
 The answer (three seeds, all seven experts): no; it moves which experts lose fidelity, not how many.
 """
