@@ -162,7 +162,6 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Resume: a run continues only the checkpoint that runs of its own settings wrote
 # ---------------------------------------------------------------------------------------------
