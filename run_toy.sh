@@ -17,7 +17,7 @@ python 01_generate_data.py --output_dir data/$RUN --seed $((SEED * 100000))
 #    compute as the experts and the distillation together (3,400 steps: the two lanes take about as long).
 export OMP_NUM_THREADS=$(python -c "import os; print(max(1, (os.cpu_count() or 2) // 2))")
 mkdir -p experts/$RUN
-python 02_train_expert.py --data data/$RUN --category all --output_dir experts/$RUN/all-data \
+python 02_train_expert.py --data data/$RUN --all_data --output_dir experts/$RUN/all-data \
   --max_train_steps 3400 --seed $SEED > experts/$RUN/all-data.log 2>&1 &
 all_data=$!
 trap 'kill $all_data 2>/dev/null || true' EXIT                         # stopped with this script
@@ -26,9 +26,8 @@ python 02_train_expert.py --data data/$RUN --category each --output_dir experts/
 # 3. Merge the seven experts: Co-Merge as the paper describes it; then (this repository's addition)
 #    Co-Merge distilled: trained to act as each expert on its prompts (03_merge.py's docstring)
 experts=("${CATEGORIES[@]/#/experts/$RUN/}")
-python 03_merge.py "${experts[@]}" --method comerge --output_dir merged/$RUN/comerge
-python 03_merge.py "${experts[@]}" --method comerge --distill_steps 3200 --output_dir merged/$RUN/comerge-distilled \
-  --seed $SEED
+python 03_merge.py "${experts[@]}" --output_dir merged/$RUN/comerge
+python 03_merge.py "${experts[@]}" --distill_steps 3200 --output_dir merged/$RUN/comerge-distilled --seed $SEED
 echo "waiting for the all-data LoRA (progress: experts/$RUN/all-data.log)"
 wait $all_data || { tail -n 1 experts/$RUN/all-data.log; exit 1; }
 trap - EXIT
@@ -37,4 +36,4 @@ unset OMP_NUM_THREADS
 
 # 4. Base model against the merges and the baseline, on test prompts and seeds that training never saw
 python 04_evaluate.py --lora co-merge=merged/$RUN/comerge co-merge+distill=merged/$RUN/comerge-distilled \
-  all-data=experts/$RUN/all-data --output_dir results/$RUN --eval_seed $((2000000 + SEED * 100000)) --seeds_per_prompt 2
+  all-data=experts/$RUN/all-data --output_dir results/$RUN --eval_seed $((2000000 + SEED * 100000))
