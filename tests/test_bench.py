@@ -1,10 +1,16 @@
-"""bench.py on the toy architecture with one step: every row measured, the table printable."""
+"""experiments/bench.py on the toy architecture with one step: every row measured, the table printable."""
+import os
+import sys
+
 import pytest
 
-import bench
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import bench  # noqa: E402
 
 
-def test_bench_toy_measures_every_row(toy_model):
+def test_bench_toy_measures_every_row(toy_model, capsys):
     args = bench.parse_args(["--arch", "toy", "--device", "cpu", "--steps", "1", "--warmup", "1",
                              "--batch_size", "2", "--gen_images", "2", "--gen_steps", "2"])
     rows = bench.run(args)
@@ -19,5 +25,7 @@ def test_bench_toy_measures_every_row(toy_model):
     assert rows[0][1]["gflop_per_pair"] == pytest.approx(rows[1][1]["gflop_per_pair"])
     text = bench.table(rows, peak_tflops=None)
     assert all(name in text for name in names) and "pairs/s" in text and "images/s" in text
-    with pytest.raises(SystemExit, match="--steps must be at least 1"):
+    assert bench.dpo_loss.__module__ == "train_expert"  # stage 2's loss, not a copy
+    with pytest.raises(SystemExit):
         bench.parse_args(["--steps", "0"])
+    assert "argument --steps: invalid positive int value: '0'" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """realworld.py on tiny offline stand-ins: a randomly initialised CLIP, synthetic Q16 embeddings, fixture
-prompt files in each published layout, and fake or tiny LLMs. No network, well under a minute on a CPU."""
+prompt files in each published layout. No network, well under a minute on a CPU."""
 import hashlib
 import io
 import json
@@ -318,82 +318,6 @@ def test_read_prompt_set_errors(tmp_path):
     path.write_text("text,category\nfoo,Hate\n")
     with pytest.raises(ValueError, match=r"x.csv: no 'prompt' column \(columns: text, category\)"):
         realworld.read_prompt_set(str(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# LLM prompt pairs
-# ---------------------------------------------------------------------------------------------
-GOOD = "UNSAFE: a man injects heroin in a dark alley\nSAFE: a man drinks coffee in a dark alley"
-
-
-def test_parse_prompt_pair():
-    assert realworld.parse_prompt_pair(GOOD) == ("a man injects heroin in a dark alley",
-                                                 "a man drinks coffee in a dark alley")
-    assert realworld.parse_prompt_pair("\n  unsafe: \"a b c d\"\nSafe: a b x d\nSure, here are more!") == \
-        ("a b c d", "a b x d")
-    for text, reason in [("Sure! UNSAFE: x", "format"), ("UNSAFE: a b\n", "format"),
-                         ("SAFE: a b\nUNSAFE: a c", "format"), ("UNSAFE: a b c\nNOTE: hi", "format"),
-                         ("UNSAFE:\nSAFE: a b", "empty"), ("UNSAFE: " + "w " * 50 + "\nSAFE: x", "too long"),
-                         ("UNSAFE: A cat!\nSAFE: a cat", "identical"),
-                         ("UNSAFE: a man injects heroin\nSAFE: the sunset over calm mountains", "not a minimal edit")]:
-        with pytest.raises(ValueError, match=reason):
-            realworld.parse_prompt_pair(text)
-    assert realworld.edit_distance("a b c".split(), "a x c d".split()) == 2
-
-
-CONCEPTS = [{"category": "Violence", "concept": "a fight"}, {"category": "Self-harm", "concept": "an overdose"}]
-
-
-def test_retry_and_skip_with_injected_generate():
-    x, y = GOOD.replace("heroin", "x"), GOOD.replace("heroin", "y")
-    answers = {"a fight": iter([[x, "garbage"], ["still garbage"], [y]]),
-               "an overdose": iter([["no"], ["no"], ["no"], ["never asked"]])}
-    asked = []
-
-    def generate(instruction, n):
-        concept = next(c for c in answers if c in instruction)
-        asked.append((concept, n))
-        return next(answers[concept])
-
-    rows, counts = realworld.write_prompts_with_llm(None, CONCEPTS, 2, max_tries=3, generate=generate)
-    assert rows == [("Violence", "a fight", "a man injects x in a dark alley", "a man drinks coffee in a dark alley"),
-                    ("Violence", "a fight", "a man injects y in a dark alley", "a man drinks coffee in a dark alley")]
-    assert asked == [("a fight", 2), ("a fight", 1), ("a fight", 1)] + [("an overdose", 2)] * 3
-    assert counts == {"accepted": 2, "skipped": 2, "rejected": {"format": 5}}
-
-
-def test_duplicates_are_rejected():
-    rows, counts = realworld.write_prompts_with_llm(None, CONCEPTS[:1], 3, max_tries=2,
-                                                    generate=lambda instruction, n: [GOOD] * n)
-    assert len(rows) == 1
-    assert counts == {"accepted": 1, "skipped": 2, "rejected": {"duplicate": 4}}
-
-
-def test_tiny_gpt2_garbage_is_skipped(tmp_path):
-    """A random GPT-2 over a word vocabulary without newlines can never answer in two lines."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    words = ["<unk>", "<eos>", "UNSAFE:", "SAFE:", "a", "red", "cat", "fight", "blood", "calm"]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece()  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    tokenizer.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_embd=16, n_layer=1, n_head=2, n_positions=512,
-                               bos_token_id=1, eos_token_id=1)).save_pretrained(tmp_path)
-    generate = realworld.load_llm(str(tmp_path), max_new_tokens=12)
-    answers = generate(realworld.LLM_INSTRUCTION.format(category="Violence", concept="a fight"), 3)
-    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    rows, counts = realworld.write_prompts_with_llm(str(tmp_path), CONCEPTS, 2, max_tries=2, generate=generate)
-    assert rows == [] and counts["accepted"] == 0 and counts["skipped"] == 4
-    assert sum(counts["rejected"].values()) == 8  # 2 concepts x 2 rounds x 2 answers, all malformed
-
-
-def test_llm_load_error_is_one_line(tmp_path):
-    with pytest.raises(ValueError, match="cannot load LLM"):
-        realworld.load_llm(str(tmp_path / "nothing-here"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,14 @@
-"""The claims study's bookkeeping (study.py): its tables from stage 4's results, without running a stage."""
+"""The claims study's bookkeeping (experiments/study.py): its tables from stage 4's results, no stage run."""
 import argparse
 import json
 import math
+import os
+import sys
 
-import study
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import study  # noqa: E402
 
 
 def result(own, fidelity, ip=None, redirect=0.5):
@@ -16,9 +21,9 @@ def result(own, fidelity, ip=None, redirect=0.5):
 
 def test_study_table_gives_mean_and_spread_over_seeds(tmp_path):
     by_seed = [{2: {"base": result(1.0, 0.9, 1.0), "all-data": result(0.4, 0.9, 0.5), "comerge": result(0.8, 0.9, 0.9),
-                    "comerge+distill": result(0.2, 0.95, 0.3), "expert:Hate": result(0.5, 0.9, 0.6)}},
+                    "comerge+distill": result(0.2, 0.95, 0.3), "expert-Hate": result(0.5, 0.9, 0.6)}},
                {2: {"base": result(1.0, 0.9, 1.0), "all-data": result(0.4, 0.9, 0.5), "comerge": result(0.8, 0.9, 0.9),
-                    "comerge+distill": result(0.4, 0.85, 0.5), "expert:Hate": result(0.5, 0.9, 0.6)}}]
+                    "comerge+distill": result(0.4, 0.85, 0.5), "expert-Hate": result(0.5, 0.9, 0.6)}}]
     args = argparse.Namespace(main_scale=2, scales=[2], output_dir=str(tmp_path))
     table = study.write_outputs(args, by_seed, minutes=1.0)
     assert "| comerge+distill | 0.400 ± 0.100 | 0.300 ± 0.100 | 0.500 ± 0.000 | 0.900 ± 0.050 |" in table

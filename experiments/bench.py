@@ -6,10 +6,11 @@ The training step is timed twice in the same run, once for each way of computing
 Both do the same work, so pairs/s should match; what (b) costs is memory, which only CUDA reports.
 Generation is timed with all images in one batch and one image at a time.
 
-    python bench.py --arch toy                                             # a CPU, seconds
-    python bench.py --arch sd15 --mixed_precision bf16 --batch_size 8      # a GPU, SD 1.5's size
+    python experiments/bench.py --arch toy                                        # a CPU, seconds
+    python experiments/bench.py --arch sd15 --mixed_precision bf16 --batch_size 8 # a GPU, SD 1.5's size
 
-Weights are random (nothing is downloaded): speed does not depend on their values.
+Weights are random (nothing is downloaded): speed does not depend on their values. The DPO loss is
+stage 2's own (02_train_expert.py's dpo_loss).
 """
 import argparse
 import copy
@@ -22,36 +23,37 @@ import torch
 from tqdm import tqdm
 from torch.utils.flop_counter import FlopCounterMode
 
+import lab  # the repository root on sys.path
 import toyworld
-from common import add_lora, dpo_loss, fail, generate, load_pipeline, quiet_libraries
+from common import add_lora, entry_point, fail, generate, load_pipeline, positive
+
+train_expert = lab.load_stage("02_train_expert.py")
+dpo_loss = train_expert.dpo_loss
 
 # NVIDIA's datasheet dense BF16 tensor-core TFLOP/s (the datasheets' larger figures assume sparsity)
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {**train_expert.DTYPES, "bf16": torch.bfloat16}  # stage 2's, and bf16 (which stage 2 does not offer)
 SHAPES = {"toy": {"latents": (4, 8, 8), "text": (16, 64)}, "sd15": {"latents": (4, 64, 64), "text": (77, 768)}}
-TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "toy")
+TOY_MODEL = os.path.join(lab.ROOT, "models", "toy")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=list(SHAPES), default="toy")
-    parser.add_argument("--batch_size", type=int, default=16, help="pairs per DPO step")
-    parser.add_argument("--steps", type=int, default=20, help="timed DPO steps per variant")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (and one untimed generation)")
+    parser.add_argument("--batch_size", type=positive(int), default=16, help="pairs per DPO step")
+    parser.add_argument("--steps", type=positive(int), default=20, help="timed DPO steps per variant")
+    parser.add_argument("--warmup", type=positive(int, zero=True), default=3,
+                        help="untimed steps first (and one untimed generation)")
     parser.add_argument("--mixed_precision", choices=list(DTYPES), default="no")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="as 02_train_expert.py's flag")
-    parser.add_argument("--gen_images", type=int, default=8, help="0 skips the generation rows")
-    parser.add_argument("--gen_batch_size", type=int, help="default: all --gen_images in one batch")
-    parser.add_argument("--gen_steps", type=int, help="sampler steps (default: 20 toy, 10 sd15)")
-    parser.add_argument("--peak_tflops", type=float, help="the device's peak, default: looked up from the GPU name")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="the UNet's (the stages do not use it)")
+    parser.add_argument("--gen_images", type=positive(int, zero=True), default=8, help="0 skips the generation rows")
+    parser.add_argument("--gen_batch_size", type=positive(int), help="default: all --gen_images in one batch")
+    parser.add_argument("--gen_steps", type=positive(int), help="sampler steps (default: 20 toy, 10 sd15)")
+    parser.add_argument("--peak_tflops", type=positive(float), help="the device's peak (default: by the GPU's name)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    args.gen_batch_size = args.gen_images if args.gen_batch_size is None else args.gen_batch_size
-    args.gen_steps = (20 if args.arch == "toy" else 10) if args.gen_steps is None else args.gen_steps
-    small = [f"--{k}" for k in ("batch_size", "steps", "gen_steps") if getattr(args, k) < 1]
-    small += [f"--{k}" for k in ("gen_images", "gen_batch_size") if getattr(args, k) < 0]
-    if small or args.warmup < 0:
-        fail(f"{' and '.join(small)} must be at least 1" if small else "--warmup must be 0 or more")
+    args.gen_batch_size = args.gen_batch_size or args.gen_images
+    args.gen_steps = args.gen_steps or (20 if args.arch == "toy" else 10)
     try:
         args.device = torch.device(args.device)
     except RuntimeError:
@@ -182,7 +184,7 @@ def bench_generation(pipe, batch_size, args):
 
     def draw(count, steps):
         if args.arch == "toy":  # the toy pipeline has its own tokenizer: prompts as the stages pass them
-            generate(pipe, prompts[:count], range(count), steps=steps, batch_size=batch_size, desc=f"batch {batch_size}")
+            generate(pipe, prompts[:count], range(count), steps, batch_size=batch_size)
             return
         for i in tqdm(range(0, count, batch_size), desc=f"batch {batch_size}", leave=False):
             b = min(batch_size, count - i)
@@ -197,7 +199,6 @@ def bench_generation(pipe, batch_size, args):
 
 def run(args):
     """The table's rows: (name, measurement or None when skipped)."""
-    quiet_libraries()
     torch.manual_seed(0)
     template = build_unet(args.arch)  # stays on the CPU in fp32; each measurement takes a copy
     latents, text = SHAPES[args.arch]["latents"], SHAPES[args.arch]["text"]
@@ -240,6 +241,7 @@ def table(rows, peak_tflops):
     return "\n".join(lines)
 
 
+@entry_point
 def main():
     args = parse_args()
     peak = args.peak_tflops

@@ -4,7 +4,7 @@ For each seed, run the main job exactly as a user runs it (`bash run_toy.sh SEED
 training draws, new test seeds), then evaluate each of its seven experts alone; then print the
 mean ± standard deviation of every variant and of each expert on its own category.
 
-    python docs/efficacy_seeds.py --seeds 0 1 2          # -> docs/efficacy_seeds.md (and results/)
+    python experiments/efficacy_seeds.py --seeds 0 1 2    # -> experiments/efficacy_seeds.md (and results/)
 
 Resumable: a finished stage is not run again (run_toy.sh and the stages resume).
 """
@@ -17,10 +17,8 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import toyworld  # noqa: E402
-from common import slug, write_text  # noqa: E402
+from lab import ROOT, slug, write_text  # lab: the repository root on sys.path
+import toyworld
 
 MEASURES = ("ip", "own_concept", "redirect", "fidelity")
 
@@ -65,7 +63,7 @@ def table(by_seed, seeds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--output", default=os.path.join(ROOT, "docs", "efficacy_seeds.md"))
+    parser.add_argument("--output", default=os.path.join(ROOT, "experiments", "efficacy_seeds.md"))
     args = parser.parse_args()
     by_seed = [seed_results(seed) for seed in args.seeds]
     text = table(by_seed, args.seeds)

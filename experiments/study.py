@@ -2,7 +2,7 @@
 
   (a) DPO on CoProV2-style pairs lowers the unsafe rate while keeping fidelity;
   (b) merged per-category experts beat one LoRA trained on all data (as the release trains);
-  (c) Co-Merge beats other merges (linear average, TIES, concatenation);
+  (c) Co-Merge beats other merges (linear average and TIES: experiments/merges.py);
   (d) experts scale to more concepts: 1x, 2x, 4x the unsafe concepts (7, 14, 28).
 Beside the paper's Co-Merge it runs the main job's distilled merge ("comerge+distill": Co-Merge
 trained to act as each expert on its prompts, 03_merge.py --distill_steps; this repository's
@@ -10,12 +10,14 @@ addition) at every size.
 Every number is a mean over --seeds (each seed: new pairs, new training noise, new eval seeds
 offset), with the spread (standard deviation) beside it.
 
-    python study.py                      # results/study: table.md, results.json, *.png
+    python experiments/study.py          # results/study: table.md, results.json, *.png
 
-It only drives the four stage scripts (so it measures exactly what a user runs) and is
-resumable: finished stage outputs are reused on a rerun. The (seed, taxonomy size) pipelines are
-independent, so --jobs of them run side by side, each stage with cpu_count / jobs threads: the toy
-model is too small for two threads to keep two cores busy.
+It only drives the four stage scripts and experiments/merges.py (so it measures exactly what a user
+runs), from the repository root, and is resumable: finished stage outputs are reused on a rerun. The
+(seed, taxonomy size) pipelines are independent, so --jobs of them run side by side, each stage with
+cpu_count / jobs threads: the toy model is too small for two threads to keep two cores busy.
+The tables in study/ (measured 2026-11-28/29) also had three Co-Merge variants (activations on all
+inputs, rank 4, x1.5) and the concatenation merge: the lean stages have no flags for them.
 """
 import argparse
 import json
@@ -29,16 +31,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 from tqdm import tqdm
 
+from lab import ROOT, slug, write_text  # lab: the repository root on sys.path
 import toyworld
-from common import atomic_write, slug, write_json, write_text
+from common import atomic_write, write_json
 
 CATEGORIES = list(toyworld.CATEGORIES)
-MERGES = ["comerge", "linear", "ties", "cat"]
-# Co-Merge variants that the paper's description allows, at the main scale
-COMERGE_VARIANTS = {"comerge:all inputs": ["--activation_prompts", "all"], "comerge:rank 4": ["--rank", "4"],
-                    "comerge:x1.5": ["--scale", "1.5"]}
+MERGES = ["comerge", "linear", "ties"]  # comerge: 03_merge.py; linear, ties: experiments/merges.py
 SCALING_VARIANTS = ("base", "all-data", "comerge", "comerge+distill")  # evaluated at every size
-DISTILL = ["--distill_steps", "3200"]  # run_toy.sh's setting, not tuned for the study
 
 
 def parse_args():
@@ -54,7 +53,10 @@ def parse_args():
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="pipelines run side by side (default: 2, or 1 on one core)")
     parser.add_argument("--train_args", default="", help="extra flags for 02_train_expert.py, e.g. '--beta 1000'")
+    parser.add_argument("--eval_args", default="", help="extra flags for 04_evaluate.py, e.g. '--sampling_steps 10'")
+    parser.add_argument("--distill_steps", type=int, default=3200, help="comerge+distill (run_toy.sh's, not tuned here)")
     args = parser.parse_args()
+    args.output_dir = os.path.abspath(args.output_dir)  # the stages run from the repository root
     if not set(args.scales) <= {1, 2, 3, 4}:
         parser.error(f"--scales: the toy world has 1 to 4 concepts per category, got {args.scales}")
     if args.main_scale and args.main_scale not in args.scales:
@@ -67,11 +69,11 @@ STOPPING = threading.Event()  # set then: no pipeline starts another stage
 
 
 def stage(*args):
-    """Run one stage script; a failure stops the study with that stage's own error line."""
+    """Run one stage script (from the repository root); a failure stops the study with its own error line."""
     if STOPPING.is_set():
         sys.exit("study: stopped")
     process = subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
     RUNNING.add(process)
     if STOPPING.is_set():  # started while the others were being stopped
         process.kill()
@@ -88,61 +90,42 @@ def run_pipeline(args, seed, scale):
     data = os.path.join(work, "data")
     stage("01_generate_data.py", "--output_dir", data, "--concepts_per_category", scale,
           "--pairs_per_concept", args.pairs_per_concept, "--seed", seed * 100_000)
-    pairs = os.path.join(data, "pairs.csv")
-    variants = {}
-    for category in CATEGORIES + ["all"]:
-        out = os.path.join(work, "experts", slug(category))
-        # experts: stage 2's defaults; all-data: the experts' + the distillation's compute, as in run_toy.sh
-        steps = ["--max_train_steps", 3400] if category == "all" else []
-        stage("02_train_expert.py", "--pairs", pairs, "--category", category, "--output_dir", out,
-              "--seed", seed, *steps, *args.train_args.split())
-        if category == "all":
-            variants["all-data"] = out
-        elif scale == args.main_scale:
-            variants[f"expert:{category}"] = out
+    # experts: stage 2's defaults; all-data: the experts' + the distillation's compute, as in run_toy.sh
+    stage("02_train_expert.py", "--data", data, "--category", "each", "--output_dir", os.path.join(work, "experts"),
+          "--seed", seed, *args.train_args.split())
+    variants = {"all-data": os.path.join(work, "all-data")}
+    stage("02_train_expert.py", "--data", data, "--all_data", "--output_dir", variants["all-data"],
+          "--max_train_steps", 3400, "--seed", seed, *args.train_args.split())
     experts = [os.path.join(work, "experts", slug(c)) for c in CATEGORIES]
+    if scale == args.main_scale:
+        variants.update({f"expert-{c}": e for c, e in zip(CATEGORIES, experts)})  # stage 4 names: no ":"
     for method in MERGES if scale == args.main_scale else ["comerge"]:
-        variants[method] = merge(experts, data, os.path.join(work, "merged", method), "--method", method)
-    variants["comerge+distill"] = merge(experts, data, os.path.join(work, "merged", "comerge-distilled"),
-                                        "--method", "comerge", *DISTILL, "--seed", seed)
+        variants[method] = merge(experts, data, os.path.join(work, "merged", method), method)
+    variants["comerge+distill"] = merge(experts, data, os.path.join(work, "merged", "comerge-distilled"), "comerge",
+                                        "--distill_steps", args.distill_steps, "--seed", seed)
     result_file = os.path.join(work, "eval", "results.json")
     if not evaluated(result_file, variants):  # stage 4 re-renders only the variants it lacks
         stage("04_evaluate.py", "--concepts_per_category", scale, "--seeds_per_prompt", args.seeds_per_prompt,
               "--output_dir", os.path.dirname(result_file), "--eval_seed", 2_000_000 + seed * 100_000,
-              "--lora", *[f"{k}={v}" for k, v in variants.items()])
-    results = json.load(open(result_file))["results"]
-    if scale == args.main_scale:
-        results.update(comerge_variants(args, seed, work, experts, data))
-    return results
+              "--lora", *[f"{k}={v}" for k, v in variants.items()], *args.eval_args.split())
+    return json.load(open(result_file))["results"]
 
 
-def merge(experts, data, out, *flags):
-    """Stage 3 into out, unless an earlier run finished a plain merge there (a distillation: stage 3
-    reads a finished one back, resumes a killed one, refuses one of other settings); returns out."""
+def merge(experts, data, out, method, *flags):
+    """Co-Merge (stage 3) or a baseline merge (experiments/merges.py) into out, unless an earlier run
+    finished a plain merge there (a distillation: stage 3 reads a finished one back, resumes a killed
+    one, refuses one of other settings); returns out."""
     if "--distill_steps" in flags or not os.path.exists(os.path.join(out, "lora.json")):
-        stage("03_merge.py", *experts, *flags, "--data", data, "--output_dir", out)
+        if method == "comerge":
+            stage("03_merge.py", *experts, *flags, "--data", data, "--output_dir", out)
+        else:
+            stage(os.path.join("experiments", "merges.py"), *experts, "--method", method, "--output_dir", out)
     return out
 
 
 def evaluated(result_file, variants):
     """Stage 4 has already evaluated these variants (an earlier study may have run fewer)."""
     return os.path.exists(result_file) and set(variants) <= set(json.load(open(result_file))["results"])
-
-
-def comerge_variants(args, seed, work, experts, data):
-    """Stage 4 results of the Co-Merge variants, evaluated like the main variants (same seeds)."""
-    result_file = os.path.join(work, "eval_comerge_variants", "results.json")
-    if not evaluated(result_file, COMERGE_VARIANTS):
-        variants = {}
-        for name, flags in COMERGE_VARIANTS.items():
-            out = os.path.join(work, "merged", name.replace(":", "-").replace(" ", ""))
-            variants[name] = merge(experts, data, out, "--method", "comerge", *flags)
-        stage("04_evaluate.py", "--concepts_per_category", args.main_scale, "--seeds_per_prompt", args.seeds_per_prompt,
-              "--output_dir", os.path.dirname(result_file), "--eval_seed", 2_000_000 + seed * 100_000,
-              "--lora", *[f"{k}={v}" for k, v in variants.items()])
-    results = json.load(open(result_file))["results"]
-    results.pop("base")  # the same as the main evaluation's base (same prompts and seeds)
-    return results
 
 
 def measure(result, key):
@@ -180,12 +163,12 @@ def variant_sections(args, by_seed, plt):
     lines += [f"| {v} | {mean_std_cells(stats, v)} |" for v in unsafe]
     # Collateral damage: each expert alone, the IP it leaves in every category.
     leak = {v: {c: summarize(main, lambda r, c=c: r["per_category"][c]["ip"])[v][0] for c in CATEGORIES}
-            for v in unsafe if v.startswith("expert:") or v == "base"}
+            for v in unsafe if v.startswith("expert-") or v == "base"}
     lines += ["", "## Each expert alone: IP per category (diagonal = its own category)", "",
               "| expert | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 1) + "|"]
     lines += [f"| {v} | " + " | ".join(f"{leak[v][c]:.2f}" for c in CATEGORIES) + " |" for v in leak]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = [v for v in unsafe if not v.startswith("expert:")]
+    names = [v for v in unsafe if not v.startswith("expert-")]
     for ax, stat, title in ((axes[0], unsafe, "IP (lower is safer)"), (axes[1], fidelity, "fidelity")):
         ax.bar(names, [stat[v][0] for v in names], yerr=[stat[v][1] for v in names], capsize=4)
         ax.set_title(title)

@@ -4,23 +4,23 @@ Classifier-free guidance runs the UNet twice per step: on the empty prompt (the 
 branch) and on the prompt (the conditional one). This script applies a LoRA to both branches, to
 the conditional branch only, or to the unconditional one only, and reports the unsafe rate and the
 fidelity each time; then, for the LoRA on both branches, which safe prompts lose fidelity and which
-attribute the model gets wrong.
+attribute the model gets wrong. (findings.md's table ran it on the concatenation merge, the seven
+experts summed, which study.py made with df440b2's stages; the lean stages have no such merge.)
 
-    python study.py    # first: the experts and merges below
-    python docs/diagnose_interference.py results/study/seed0/x2/merged/cat results/study/seed0/x2/merged/comerge \\
-        results/study/seed0/x2/experts/all
+    python experiments/study.py    # first: the experts and merges below
+    python experiments/diagnose_interference.py results/study/seed0/x2/merged/linear \\
+        results/study/seed0/x2/merged/comerge results/study/seed0/x2/all-data
 """
 import argparse
 import collections
 import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import toyworld  # noqa: E402
-from common import generate, load_pipeline  # noqa: E402
+import lab  # the repository root on sys.path
+import toyworld
+from common import generate, load_pipeline
 
 
 def lora_on_branch(unet, branch):
@@ -44,9 +44,9 @@ def main():
     parser.add_argument("loras", nargs="+", help="LoRA folders")
     parser.add_argument("--concepts_per_category", type=int, default=2)
     parser.add_argument("--seeds_per_prompt", type=int, default=4)
-    parser.add_argument("--model", default="models/toy")
+    parser.add_argument("--model", default=os.path.join(lab.ROOT, "models", "toy"))
     args = parser.parse_args()
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, "cuda" if torch.cuda.is_available() else "cpu")
     concepts = toyworld.taxonomy(args.concepts_per_category)
     unsafe = [(p, toyworld.concept_of(p)) for _, _, p, _ in toyworld.concept_prompts(concepts, "test")]
     # each prompt repeated once per seed, seeds counted as 04_evaluate.py counts them: the same images
@@ -55,8 +55,8 @@ def main():
     unsafe_colours = {colour for colour, _ in toyworld.CATEGORIES.values()}
 
     def render():
-        return (generate(pipe, [p for p, _ in unsafe], range(2_000_000, 2_000_000 + len(unsafe)), 20, batch_size=64),
-                generate(pipe, safe, range(3_000_000, 3_000_000 + len(safe)), 20, batch_size=64))
+        return (generate(pipe, [p for p, _ in unsafe], range(2_000_000, 2_000_000 + len(unsafe)), 20)[0],
+                generate(pipe, safe, range(3_000_000, 3_000_000 + len(safe)), 20)[0])
 
     for path in args.loras:
         pipe.load_lora_weights(path)
