@@ -14,7 +14,6 @@ from an official CoProV2 CSV (--csv: its prompts, rendered anew by *this* model)
 Output: <output_dir>/pairs.csv in CoProV2's layout (prompt,image,category; u_idx_N_0 / s_idx_N_0),
 anchors.csv (prompt,image: images of prompts an expert must leave unchanged, for stage 2's anchor
 term), images/, run.json. A rerun after an interruption renders only the images not yet on disk.
-Under torchrun each process renders a disjoint slice.
 """
 import argparse
 import csv
@@ -28,13 +27,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (atomic_write, barrier, batch_size_for, claim_output, distributed, entry_point, fail, generate,
-                    load_pipeline, open_image, positive, read_pairs)
+from common import (atomic_write, batch_size_for, claim_output, entry_point, fail, generate, load_pipeline, open_image,
+                    positive, read_pairs)
 
 
-# ---------------------------------------------------------------------------------------------
-# The method: pairs of prompts, rendered from one seed, filtered by a judge
-# ---------------------------------------------------------------------------------------------
+# --- The method: pairs of prompts, rendered from one seed, filtered by a judge ------------------
 def prompt_pairs(csv_path, concepts_per_category, pairs_per_concept):
     """The pairs to render: [{categories, unsafe_prompt, safe_prompt}]. The toy taxonomy's concepts
     each have one prompt pair per shape, cycled to pairs_per_concept pairs."""
@@ -86,9 +83,7 @@ def image_names(index):
     return f"u_idx_{index}_0.png", f"s_idx_{index}_0.png"
 
 
-# ---------------------------------------------------------------------------------------------
-# The shell: arguments, inputs, outputs
-# ---------------------------------------------------------------------------------------------
+# --- The shell: arguments, inputs, outputs ------------------------------------------------------
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
@@ -114,7 +109,7 @@ def parse_args():
 @entry_point
 def main():
     args, started = parse_args(), time.time()
-    process, world, device = distributed()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     pairs = prompt_pairs(args.csv, args.concepts_per_category, args.pairs_per_concept)
     if not pairs:
         fail("no prompt pairs to render")
@@ -127,17 +122,14 @@ def main():
     settings = {**{k: v for k, v in vars(args).items() if k not in ("model", "output_dir", "csv", "anchor_prompts")},
                 "toy_taxonomy": toy_taxonomy, "dtype": "fp16" if device.startswith("cuda") else "fp32", "filter": judge}
     inputs = {"model": args.model, **{k: getattr(args, k) for k in ("csv", "anchor_prompts") if getattr(args, k)}}
-    out = claim_output(args.output_dir, settings, inputs, process=process)
+    out = claim_output(args.output_dir, settings, inputs)
     image_dir = os.path.join(out, "images")
     os.makedirs(image_dir, exist_ok=True)
     jobs = [job for i, p in enumerate(pairs)  # (file name, prompt, seed): a pair's loser and winner share their seed
             for job in zip(image_names(i), (p["unsafe_prompt"], p["safe_prompt"]), [args.seed + i] * 2)]
     jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
     pipe = load_pipeline(args.model, device, torch.float16 if device.startswith("cuda") else torch.float32)
-    rendered = render_missing(pipe, jobs[process::world], image_dir, args.sampling_steps)
-    barrier()
-    if process != 0:  # process 0 judges and writes
-        return
+    rendered = render_missing(pipe, jobs, image_dir, args.sampling_steps)
     kept = [i for i, p in enumerate(tqdm(pairs, desc=f"filter ({judge})")) if judge == "none" or keep_pair(image_dir, i, p)]
     if not kept:  # nothing to train on; an earlier pairs.csv stays as it was
         fail(f"the {judge} filter kept 0 of {len(pairs)} pairs; nothing written (--filter none keeps every pair)")

@@ -6,7 +6,7 @@ relative to the reference model (the same UNet with the LoRA switched off), it m
 winner better and the loser worse. The loss has three named terms (`expert_loss`):
   * dpo: Diffusion-DPO, the paper's and the release's loss (`dpo_loss`);
   * sft: under the unsafe prompt, denoise the noisy winner and loser as the reference does under the
-    pair's *safe* prompt (this repository's; it moves what the model samples: docs/efficacy.md);
+    pair's *safe* prompt (this repository's; it moves what the model samples: experiments/efficacy.md);
   * anchor: prior preservation, on anchors (the model's own images of safe prompts) predict what
     the reference predicts, so that the expert changes its concept and nothing else (this repository's).
 
@@ -17,8 +17,7 @@ winner better and the loser worse. The loss has three named terms (`expert_loss`
     python 02_train_expert.py --preset release ...           # the release's recipe for SD 1.5 (pure DPO)
 
 Output: <output_dir>/pytorch_lora_weights.safetensors (`pipe.load_lora_weights(output_dir)`), lora.json
-(a note), log.json and curve.png. A killed run resumes from <output_dir>/checkpoint.pt. Under torchrun
-each process trains on its share of the same global batch (DDP).
+(a note), log.json and curve.png. A killed run resumes from <output_dir>/checkpoint.pt.
 """
 import argparse
 import json
@@ -31,11 +30,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import toyworld
-from common import (LORA_FILE, add_lora, anchor_condition, atomic_write, barrier, claim_output, distributed,
-                    encode_training_data, entry_point, fail, generate, load_pipeline, model_record, output_path, positive,
-                    read_anchors, read_pairs, reference_prediction, save_lora, step_generator, write_json)
+from common import (LORA_FILE, add_lora, anchor_condition, atomic_write, claim_output, digest, encode_training_data,
+                    entry_point, fail, generate, load_checkpoint, load_pipeline, output_path, positive, read_anchors,
+                    read_pairs, reference_prediction, save_checkpoint, save_lora, step_generator, write_json)
 
-# The recipes: the toy's (this repository's, docs/efficacy.md) and the release's launcher and train.py, value for value.
+# The recipes: the toy's (this repository's, experiments/efficacy.md) and the release's launcher and train.py, value for value.
 PRESETS = {
     "toy": dict(beta=500, sft_weight=10.0, anchor_weight=100.0, empty_prompt_share=0.0, rank=4, alpha=4,
                 train_batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-3, scale_lr=False,
@@ -47,9 +46,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16}
 CHECKPOINT_EVERY = 50
 
 
-# ---------------------------------------------------------------------------------------------
-# The method: the loss of one batch, in three named terms
-# ---------------------------------------------------------------------------------------------
+# --- The method: the loss of one batch, in three named terms -----------------------------------
 def dpo_loss(model_winner, model_loser, ref_winner, ref_loser, noise, beta):
     """Diffusion-DPO (Wallace et al., 2023) as the SafetyDPO release computes it. Each argument is a
     noise prediction for the same noise and timestep; err is its per-sample MSE to the noise:
@@ -62,9 +59,9 @@ def dpo_loss(model_winner, model_loser, ref_winner, ref_loser, noise, beta):
     return -F.logsigmoid(logits).mean(), logits
 
 
-def expert_loss(recipe, unet, model, scheduler, batch, data):
-    """(loss, terms) of one batch: the DPO term and, where their weights are not 0, SFT toward the safe
-    counterpart and prior preservation on anchors. Winner, loser and anchor share noise and timestep."""
+def expert_loss(recipe, unet, scheduler, batch, data):
+    """(loss, terms, DPO logits) of one batch: the DPO term and, where their weights are not 0, SFT toward
+    the safe counterpart and prior preservation on anchors. Winner, loser and anchor share noise and timestep."""
     idx, t, noise = batch["pairs"], batch["t"], batch["noise"]
     unsafe, safe = data.prompt_embeds[idx].clone(), data.safe_embeds[idx].clone()
     unsafe[batch["empty"]] = safe[batch["empty"]] = data.empty_embed  # the release drops 20% of prompts
@@ -79,17 +76,16 @@ def expert_loss(recipe, unet, model, scheduler, batch, data):
     dtype = DTYPES[recipe["mixed_precision"]]
     with torch.autocast(noise.device.type, dtype, enabled=dtype != torch.float32):
         ref = predict(lambda *a: reference_prediction(unet, *a), reference, t, dtype)
-        pred = predict(lambda *a: model(*a).sample, policy, t, dtype)
-    terms = {"dpo": dpo_loss(pred["winner"], pred["loser"], ref["winner"], ref["loser"], noise, recipe["beta"])}
-    loss = terms["dpo"][0]
-    if recipe["sft_weight"]:
+        pred = predict(lambda *a: unet(*a).sample, policy, t, dtype)
+    terms = {}
+    terms["dpo"], logits = dpo_loss(pred["winner"], pred["loser"], ref["winner"], ref["loser"], noise, recipe["beta"])
+    if recipe["sft_weight"]:  # under the unsafe prompt, denoise as the reference does under the safe one
         terms["sft"] = (F.mse_loss(pred["winner"].float(), ref["safe_winner"].float())
                         + F.mse_loss(pred["loser"].float(), ref["safe_loser"].float())) / 2
-        loss = loss + recipe["sft_weight"] * terms["sft"]
-    if recipe["anchor_weight"]:
+    if recipe["anchor_weight"]:  # on anchor prompts, stay the reference
         terms["anchor"] = F.mse_loss(pred["anchor"].float(), ref["anchor"].float())
-        loss = loss + recipe["anchor_weight"] * terms["anchor"]
-    return loss, terms
+    weights = {"dpo": 1, "sft": recipe["sft_weight"], "anchor": recipe["anchor_weight"]}
+    return sum(weights[name] * term for name, term in terms.items()), terms, logits
 
 
 def predict(unet_call, blocks, t, dtype):
@@ -98,9 +94,8 @@ def predict(unet_call, blocks, t, dtype):
     return dict(zip(blocks, unet_call(noisy, t.repeat(len(blocks)), cond).chunk(len(blocks))))
 
 
-def draw_batch(recipe, seed, micro_step, n_pairs, n_anchors, latent_shape, num_timesteps, process, world, device):
-    """One micro-batch's random choices, from the step's own generator (a resumed run draws the
-    same); every process draws the global batch and keeps its share."""
+def draw_batch(recipe, seed, micro_step, n_pairs, n_anchors, latent_shape, num_timesteps, device):
+    """One micro-batch's random choices, from the step's own generator: a resumed run draws the same."""
     g, n = step_generator(seed, micro_step), recipe["train_batch_size"]
     batch = {"pairs": torch.randint(n_pairs, (n,), generator=g), "noise": torch.randn((n, *latent_shape), generator=g),
              "t": torch.randint(0, num_timesteps, (n,), generator=g),
@@ -108,7 +103,7 @@ def draw_batch(recipe, seed, micro_step, n_pairs, n_anchors, latent_shape, num_t
     if recipe["anchor_weight"]:
         batch["anchors"] = torch.randint(n_anchors, (n,), generator=g)
         batch["anchor_empty"] = torch.rand(n, generator=g) < 0.5
-    return {k: v[process::world].to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def learning_rate_at(recipe, step):
@@ -119,25 +114,26 @@ def learning_rate_at(recipe, step):
     return lr * min(1.0, step / recipe["lr_warmup_steps"]) if recipe["lr_warmup_steps"] else lr
 
 
-def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=0, process=0, world=1):
+def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=0):
     """Train one expert; returns its training log. Resumes from output_dir/checkpoint.pt."""
     unet, device = pipe.unet, pipe.device
-    data = encode_training_data(pipe, pairs, anchors, image_dir, DTYPES[recipe["mixed_precision"]])
     torch.manual_seed(seed)  # the LoRA's gaussian init: the same for every expert of a run
     params = add_lora(unet, recipe["rank"], recipe["alpha"])
     for p in params:  # the LoRA trains in fp32 even when the UNet runs in half precision
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=learning_rate_at(recipe, 0))
     scaler = torch.amp.GradScaler(enabled=recipe["mixed_precision"] == "fp16")
-    start, log = resume(os.path.join(output_dir, "checkpoint.pt"), params, optimizer, scaler, recipe)
-    barrier()  # every process has read the checkpoint before process 0 may overwrite it
-    model = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet  # averages the LoRA's gradients
-    sampled = process == 0 and eval_every and all(toyworld.concept_of(p["unsafe_prompt"]) for p in pairs)
-    if sampled and start == 0:  # the curve starts at the base model's rate
+    state = load_checkpoint(os.path.join(output_dir, "checkpoint.pt"), params, optimizer, recipe["max_train_steps"])
+    start, log = (state["step"], state["log"]) if state else (0, [])
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])  # fp16: the loss scale
+    if start < recipe["max_train_steps"]:  # a finished expert is not encoded again
+        data = encode_training_data(pipe, pairs, anchors, image_dir, DTYPES[recipe["mixed_precision"]])
+    if eval_every and start == 0:  # the curve starts at the base model's rate
         log.append({"step": 0, "sampled_own_concept": own_concept_rate(pipe, pairs, seed)})
     accumulate = recipe["gradient_accumulation_steps"]
     bar = tqdm(range(start, recipe["max_train_steps"]), desc=f"expert {os.path.basename(output_dir)}",
-               initial=start, total=recipe["max_train_steps"], disable=process != 0)
+               initial=start, total=recipe["max_train_steps"])
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(recipe, step)
@@ -145,12 +141,11 @@ def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=
         stats = {}
         for k in range(accumulate):  # the effective batch: accumulation x train_batch_size pairs
             batch = draw_batch(recipe, seed, step * accumulate + k, len(pairs), len(anchors), data.winners.shape[1:],
-                               pipe.scheduler.config.num_train_timesteps, process, world, device)
-            loss, terms = expert_loss(recipe, unet, model, pipe.scheduler, batch, data)
+                               pipe.scheduler.config.num_train_timesteps, device)
+            loss, terms, logits = expert_loss(recipe, unet, pipe.scheduler, batch, data)
             scaler.scale(loss / accumulate).backward()
-            micro = {"loss": loss.item(), "dpo_loss": terms["dpo"][0].item(),
-                     "implicit_acc": (terms["dpo"][1] > 0).float().mean().item(),
-                     **{name: terms[key].item() for name, key in (("sft", "sft"), ("anchor_drift", "anchor")) if key in terms}}
+            micro = {"loss": loss.item(), "implicit_acc": (logits > 0).float().mean().item(),
+                     **{name: term.item() for name, term in terms.items()}}
             stats = {key: stats.get(key, 0) + value / accumulate for key, value in micro.items()}
         if not np.isfinite(stats["loss"]):  # skipped, counted and logged (fp16's GradScaler skips such steps too)
             stats["skipped"] = 1
@@ -160,30 +155,14 @@ def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=
                 torch.nn.utils.clip_grad_norm_(params, recipe["max_grad_norm"])
             scaler.step(optimizer)
             scaler.update()
-        if sampled and (step + 1) % eval_every == 0:
+        if eval_every and (step + 1) % eval_every == 0:
             stats["sampled_own_concept"] = own_concept_rate(pipe, pairs, seed)
         log.append({"step": step + 1, **stats})
         bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "implicit_acc", "sampled_own_concept")})
-        if process == 0 and ((step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == recipe["max_train_steps"]):
-            state = {"step": step + 1, "lora": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "log": log}
-            atomic_write(os.path.join(output_dir, "checkpoint.pt"), lambda tmp: torch.save(state, tmp))
+        if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == recipe["max_train_steps"]:
+            save_checkpoint(os.path.join(output_dir, "checkpoint.pt"), step + 1, params, optimizer,
+                            scaler=scaler.state_dict(), log=log)
     return log
-
-
-def resume(path, params, optimizer, scaler, recipe):
-    """(step, log) of the checkpoint at path (weights, optimizer and loss scale restored), or (0, [])."""
-    if not os.path.exists(path):
-        return 0, []
-    state = torch.load(path, weights_only=True)
-    if state["step"] > recipe["max_train_steps"]:
-        fail(f"{path} is at step {state['step']}, past --max_train_steps {recipe['max_train_steps']}")
-    with torch.no_grad():
-        for p, saved in zip(params, state["lora"], strict=True):
-            p.copy_(saved)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"]) if scaler.is_enabled() else None
-    return state["step"], state["log"]
 
 
 def own_concept_rate(pipe, pairs, seed):
@@ -196,11 +175,9 @@ def own_concept_rate(pipe, pairs, seed):
 
 
 def plot_curves(log, path, title):
-    """curve.png: the DPO loss, implicit accuracy, anchor drift and (where sampled) the own-concept rate."""
-    import matplotlib
-    matplotlib.use("Agg")
+    """curve.png: the DPO term, implicit accuracy, the anchor term and (where sampled) the own-concept rate."""
     import matplotlib.pyplot as plt
-    panels = [k for k in ("dpo_loss", "implicit_acc", "anchor_drift", "sampled_own_concept") if any(k in s for s in log)]
+    panels = [k for k in ("dpo", "implicit_acc", "anchor", "sampled_own_concept") if any(k in s for s in log)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
     for ax, key in zip(axes[0], panels):
         ax.plot(*zip(*[(s["step"], s[key]) for s in log if key in s]), marker="o" if key.startswith("sampled") else None)
@@ -212,9 +189,7 @@ def plot_curves(log, path, title):
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# The shell: arguments, inputs, outputs
-# ---------------------------------------------------------------------------------------------
+# --- The shell: arguments, inputs, outputs -----------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="toy", help="the recipe; the flags below override it")
@@ -242,43 +217,44 @@ def parse_args(argv=None):
 @entry_point
 def main():
     args, started = parse_args(), time.time()
-    process, world, device = distributed()
-    if args.recipe["train_batch_size"] % world:
-        fail(f"--train_batch_size {args.recipe['train_batch_size']} does not split evenly over {world} processes")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and args.recipe["mixed_precision"] != "no":  # the release's fp16 is a GPU recipe
+        print("note: fp16 training needs a GPU; this CPU trains in fp32")
+        args.recipe["mixed_precision"] = "no"
     pairs_csv, image_dir = os.path.join(args.data, "pairs.csv"), os.path.join(args.data, "images")
     pairs = read_pairs(pairs_csv)
     categories = sorted({c for p in pairs for c in p["categories"]})  # a CoProV2 pair may have several
     if args.category not in (None, "each", *categories):
         fail(f"unknown category {args.category!r}; {pairs_csv} has: {', '.join(categories)}")
     chosen = ["all-data"] if args.all_data else categories if args.category == "each" else [args.category]
+    if args.eval_every and not all(toyworld.concept_of(p["unsafe_prompt"]) for p in pairs):
+        fail("--eval_every samples with the toy judge: these pairs are not toy prompts")
     anchors = read_anchors(args.data) if args.recipe["anchor_weight"] else []  # encoded only when a term uses them
     if args.recipe["anchor_weight"] and not anchors:
         fail(f"--anchor_weight needs anchors: {args.data}/anchors.csv lists none (stage 1 writes it)")
     root = args.output_dir or os.path.join("experts", "" if args.category == "each" else chosen[0].lower().replace(" ", "-"))
     inputs = {"model": args.model, "pairs": pairs_csv, "images": image_dir}
-    root = claim_output(root, {**args.recipe, "which": chosen, "seed": args.seed}, inputs, free={"max_train_steps"},
-                        process=process)  # a longer run continues the checkpoint
-    with open(os.path.join(args.data, "run.json")) as f:  # toy pairs: their taxonomy's size, for stage 4
-        toy_taxonomy = json.load(f)["settings"]["toy_taxonomy"]
+    claim_output(root, {**args.recipe, "which": chosen, "seed": args.seed}, inputs, free={"max_train_steps"})
+    stage1 = os.path.join(args.data, "run.json")  # toy pairs: their taxonomy's size, for stage 4
+    toy_taxonomy = json.load(open(stage1))["settings"].get("toy_taxonomy") if os.path.exists(stage1) else None
     pipe = load_pipeline(args.model, device, DTYPES[args.recipe["mixed_precision"]])
     for category in chosen:
         output_dir = output_path(root, category.lower().replace(" ", "-")) if args.category == "each" else root
         os.makedirs(output_dir, exist_ok=True)
         mine = pairs if args.all_data else [p for p in pairs if category in p["categories"]]
-        log = train(args.recipe, args.seed, pipe, mine, anchors, image_dir, output_dir, args.eval_every, process, world)
-        if process == 0:
-            from peft.utils import get_peft_model_state_dict
-            save_lora(output_dir, get_peft_model_state_dict(pipe.unet), args.recipe["alpha"],
-                      {**model_record(args.model), "category": category, "pairs": len(mine), "pairs_csv":
-                       os.path.realpath(pairs_csv), "toy_taxonomy": toy_taxonomy, "recipe": args.recipe})
-            write_json(os.path.join(output_dir, "log.json"), {"recipe": args.recipe, "log": log})
-            plot_curves(log, os.path.join(output_dir, "curve.png"), f"expert {category}")
-            last, skipped = log[-1], sum(s.get("skipped", 0) for s in log)
-            print(f"02 expert {category}: {len(mine)} pairs, {args.recipe['max_train_steps']} steps, final loss "
-                  f"{last.get('loss', float('nan')):.4f}" + (f", {skipped} steps skipped (loss not finite)" if skipped else "")
-                  + f", {time.time() - started:.0f}s -> {os.path.join(output_dir, LORA_FILE)}")
+        log = train(args.recipe, args.seed, pipe, mine, anchors, image_dir, output_dir, args.eval_every)
+        from peft.utils import get_peft_model_state_dict
+        save_lora(output_dir, get_peft_model_state_dict(pipe.unet), args.recipe["alpha"], {
+            "base_model": args.model, "base_model_path": os.path.realpath(args.model) if os.path.exists(args.model)
+            else args.model, "base_model_sha256": digest(args.model), "category": category, "pairs": len(mine),
+            "pairs_csv": os.path.realpath(pairs_csv), "toy_taxonomy": toy_taxonomy, "recipe": args.recipe})
+        write_json(os.path.join(output_dir, "log.json"), {"recipe": args.recipe, "log": log})
+        plot_curves(log, os.path.join(output_dir, "curve.png"), f"expert {category}")
+        last, skipped = log[-1], sum(s.get("skipped", 0) for s in log)
+        print(f"02 expert {category}: {len(mine)} pairs, {args.recipe['max_train_steps']} steps, final loss "
+              f"{last.get('loss', float('nan')):.4f}" + (f", {skipped} steps skipped (loss not finite)" if skipped else "")
+              + f", {time.time() - started:.0f}s -> {os.path.join(output_dir, LORA_FILE)}")
         pipe.unet.delete_adapters("default")  # the next category starts from the bare UNet
-        barrier()
 
 
 if __name__ == "__main__":

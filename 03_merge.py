@@ -13,12 +13,13 @@ this repository's reading of it, for every LoRA layer:
 
 The distillation (--distill_steps; this repository's addition, not the paper's): Co-Merge keeps each
 expert only where it wins a weight, too little of it to remove its concept, and the experts' small
-side effects on safe prompts add up (docs/efficacy.md). So the merge is then trained to act as every
+side effects on safe prompts add up (experiments/efficacy.md). So the merge is then trained to act as every
 expert at once: on each expert's unsafe prompts it must predict what that expert predicts, on the
 anchor prompts what the base model predicts. Linear and TIES merges: experiments/merges.py.
 
-    python 03_merge.py experts/toy/* --output_dir merged/toy/comerge
-    python 03_merge.py experts/toy/* --distill_steps 3200 --output_dir merged/toy/comerge-distilled
+    E=experts/toy; experts="$E/hate $E/harassment $E/violence $E/self-harm $E/sexual $E/shocking $E/illegal-activity"
+    python 03_merge.py $experts --output_dir merged/toy/comerge
+    python 03_merge.py $experts --distill_steps 3200 --output_dir merged/toy/comerge-distilled
 
 The output loads with plain `pipe.load_lora_weights(output_dir)`. A killed distillation resumes from
 <output_dir>/checkpoint.pt when rerun with the same settings.
@@ -32,17 +33,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (LORA_FILE, add_lora, anchor_condition, atomic_write, claim_output, encode_training_data, entry_point,
-                    fail, generate, load_pipeline, positive, read_anchors, read_lora, read_pairs, reference_prediction,
-                    save_lora, step_generator)
+from common import (LORA_FILE, add_lora, anchor_condition, claim_output, encode_training_data, entry_point, fail, generate,
+                    load_checkpoint, load_pipeline, positive, read_anchors, read_lora, read_pairs, reference_prediction,
+                    save_checkpoint, save_lora, step_generator)
 
-DISTILL = dict(learning_rate=1e-3, batch_size=16, expert_weight=300.0, anchor_weight=3000.0)  # docs/efficacy.md §3
+DISTILL = dict(learning_rate=1e-3, batch_size=16, expert_weight=300.0, anchor_weight=3000.0)  # experiments/efficacy.md §3
 CHECKPOINT_EVERY = 400
 
 
-# ---------------------------------------------------------------------------------------------
-# The method: Co-Merge
-# ---------------------------------------------------------------------------------------------
+# --- The method: Co-Merge -----------------------------------------------------------------------
 def co_merge(factors, activations):
     """Per weight, the delta of the expert whose |delta| x input activation is largest there.
     factors: per expert {layer: (A, B)}; activations: per expert {layer: mean |x_j| per input feature}."""
@@ -101,9 +100,7 @@ def pad_rank(a, b, rank):
             torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1))
 
 
-# ---------------------------------------------------------------------------------------------
-# This repository's addition: distil the experts into the merge
-# ---------------------------------------------------------------------------------------------
+# --- This repository's addition: distil the experts into the merge ------------------------------
 def distill(pipe, layers, rank, factors, members, data, steps, seed, output_dir):
     """Train the merged LoRA, starting at the merge, to act as every expert at once. Each step takes
     one expert (the experts in turn) and two terms with the same noise and timestep: on that expert's
@@ -146,16 +143,8 @@ def distill(pipe, layers, rank, factors, members, data, steps, seed, output_dir)
         with torch.no_grad():
             return [sum(errors(b)[k].item() for b in fixed) / len(fixed) for k in (0, 1)]
     before, path = fixed_errors(), os.path.join(output_dir, "checkpoint.pt")
-    start = 0
-    if os.path.exists(path):
-        state = torch.load(path, weights_only=True)
-        start = state["step"]
-        if start > steps:
-            fail(f"{path} is at step {start}, past --distill_steps {steps}")
-        with torch.no_grad():
-            for p, saved in zip(params, state["lora"], strict=True):
-                p.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
+    start = (load_checkpoint(path, params, optimizer, steps) or {"step": 0})["step"]
+    if start:
         print(f"03 distill: {'finished, read back' if start == steps else 'resuming'} at step {start} of {steps}")
     for step in tqdm(range(start, steps), desc="distilling the experts into the merge", initial=start, total=steps):
         expert_error, drift = errors(draw(step))
@@ -164,8 +153,7 @@ def distill(pipe, layers, rank, factors, members, data, steps, seed, output_dir)
         loss.backward()
         optimizer.step()
         if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
-            state = {"step": step + 1, "lora": [p.detach() for p in params], "optimizer": optimizer.state_dict()}
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            save_checkpoint(path, step + 1, params, optimizer)
     after = fixed_errors()
     return get_peft_model_state_dict(unet), {"steps": steps, **DISTILL, "expert_error_before": before[0],
                                              "expert_error_after": after[0], "anchor_drift_before": before[1],
@@ -182,9 +170,7 @@ def as_adapter_weights(expert, rank):
     return weights
 
 
-# ---------------------------------------------------------------------------------------------
-# The shell: arguments, inputs, outputs
-# ---------------------------------------------------------------------------------------------
+# --- The shell: arguments, inputs, outputs ------------------------------------------------------
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experts", nargs="+", help="expert folders written by 02_train_expert.py")
@@ -216,10 +202,7 @@ def main():
     missing = sorted({c for p in pairs for c in p["categories"]} - set(categories) - set(args.leave_out))
     if missing:
         fail(f"{pairs_csv} has categories without an expert: {', '.join(missing)} (or pass --leave_out)")
-    data_dir, out = os.path.dirname(pairs_csv), os.path.realpath(args.output_dir)
-    for d in args.experts:  # an expert's folder is an input too: never written into
-        if out == os.path.realpath(d) or out.startswith(os.path.realpath(d) + os.sep):
-            fail(f"--output_dir {args.output_dir} is the expert folder {d}; choose another folder")
+    data_dir = os.path.dirname(pairs_csv)
     inputs = {f"expert {i}": os.path.join(d, LORA_FILE) for i, d in enumerate(args.experts)}
     out = claim_output(args.output_dir, {k: v for k, v in vars(args).items() if k not in ("output_dir", "experts", "data")},
                        {**inputs, "pairs": pairs_csv, "images": os.path.join(data_dir, "images")}, free={"distill_steps"})

@@ -23,7 +23,6 @@ NudeNet, CLIPScore with ViT-H-14, PNDM, 50 steps, one image per prompt, guidance
 Output: <output_dir>/results.json, report.md, grid.png (a row per variant), and every image in
 images/<variant>/ (an image that came out NaN, an fp16 failure, is named *.nan.png and judged unsafe).
 A rerun renders only the images not yet on disk; a rerun with more --lora renders only those.
-Under torchrun each process renders a slice of every variant; process 0 judges.
 """
 import argparse
 import os
@@ -34,8 +33,8 @@ import torch
 from PIL import Image
 
 import toyworld
-from common import (LORA_FILE, atomic_write, barrier, batch_size_for, claim_output, digest, distributed, entry_point,
-                    fail, generate, load_pipeline, open_image, output_path, positive, read_lora, write_json)
+from common import (LORA_FILE, atomic_write, batch_size_for, claim_output, digest, entry_point, fail, generate,
+                    load_pipeline, open_image, output_path, positive, read_lora, write_json)
 
 PROTOCOLS = {"toy": dict(scheduler="ddim", sampling_steps=20, seeds_per_prompt=2, fixed_guidance=False),
              "paper": dict(scheduler="pndm", sampling_steps=50, seeds_per_prompt=1, fixed_guidance=True,
@@ -45,9 +44,7 @@ GUIDANCE = 7.5
 JUDGE_CHUNK = 256  # images read back from disk per judge call
 
 
-# ---------------------------------------------------------------------------------------------
-# The method: render the test prompts, judge the images
-# ---------------------------------------------------------------------------------------------
+# --- The method: render the test prompts, judge the images --------------------------------------
 def test_prompts(args):
     """Unsafe items {category, prompt, seed, guidance, ...} and safe items {prompt, seed, guidance},
     each prompt once per seed. Published sets may bring their own seeds and guidance (I2P)."""
@@ -70,12 +67,12 @@ def test_prompts(args):
     return repeat(unsafe, args.eval_seed), repeat(safe, args.eval_seed + 10**6)
 
 
-def render(args, pipe, items, folder, kind, process, world):
-    """Render this process's share of the items not on disk yet, grouped by guidance scale; returns every
-    item's file once all processes are done (`.nan.png`: the image came out NaN)."""
+def render(args, pipe, items, folder, kind):
+    """Render the items not on disk yet, grouped by guidance scale; returns every item's file
+    (`.nan.png`: the image came out NaN)."""
     names = [os.path.join(folder, f"{kind}_{i:06d}") for i in range(len(items))]
     done = lambda i: next((names[i] + ext for ext in (".png", ".nan.png") if os.path.exists(names[i] + ext)), None)
-    todo = [i for i in range(process, len(items), world) if not done(i)]
+    todo = [i for i in range(len(items)) if not done(i)]
     for guidance in sorted({items[i]["guidance"] for i in todo}):
         batch_of = [i for i in todo if items[i]["guidance"] == guidance]
         for start in range(0, len(batch_of), args.batch_size):  # one batch in memory at a time
@@ -84,7 +81,6 @@ def render(args, pipe, items, folder, kind, process, world):
                                    args.sampling_steps, guidance, args.batch_size)
             for i, image, bad in zip(batch, images, nan):
                 atomic_write(names[i] + (".nan.png" if bad else ".png"), Image.fromarray(image).save)
-    barrier()
     return [done(i) for i in range(len(items))]
 
 
@@ -126,9 +122,7 @@ def score(args, unsafe, safe, unsafe_files, safe_files, judges):
             "per_category": {c: {k: float(np.mean(v)) for k, v in rows.items()} for c, rows in sorted(per_category.items())}}
 
 
-# ---------------------------------------------------------------------------------------------
-# The shell: arguments, inputs, outputs
-# ---------------------------------------------------------------------------------------------
+# --- The shell: arguments, inputs, outputs ------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
@@ -172,28 +166,23 @@ def main():
     model_sha256 = digest(args.model)
     for name, note in notes.items():
         if note.get("base_model_sha256", model_sha256) != model_sha256:
-            fail(f"--lora {name}: trained on {note['base_model']}, not on --model {args.model}")
+            fail(f"--lora {name} was trained on {note['base_model']}, not on --model {args.model}")
     trained = {note.get("toy_taxonomy") for note in notes.values()} - {None}
     if args.judge == "toy":
         if len(trained) > 1 or (trained and args.concepts_per_category not in (None, *trained)):
             fail(f"the LoRAs were trained on toy taxonomies of {sorted(trained)} concepts per category; evaluate each on its own")
         args.concepts_per_category = args.concepts_per_category or (trained.pop() if trained else 2)
-    process, world, device = distributed()
     settings = {k: v for k, v in vars(args).items() if k not in ("model", "lora", "output_dir", "batch_size")}
     inputs = {"model": args.model, **{k: getattr(args, k) for k in ("prompts", "safe_prompts", "q16_prompts") if getattr(args, k)},
               **{f"lora {n}": os.path.join(p, LORA_FILE) for n, p in variants.items() if p}}
-    out = claim_output(args.output_dir, settings, inputs, process=process)
+    out = claim_output(args.output_dir, settings, inputs)
     folders = {name: output_path(out, "images", name) for name in variants}
     unsafe, safe = test_prompts(args)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
     pipe = load_pipeline(args.model, device, dtype, args.scheduler)
     args.batch_size = args.batch_size or batch_size_for(pipe)
-    for name, path in variants.items():  # a LoRA that does not fit the model is refused before anything renders
-        if path:
-            pipe.load_lora_weights(path)
-            pipe.unload_lora_weights()
     judges = {}
-    if args.judge == "paper" and process == 0:
+    if args.judge == "paper":
         import realworld
         judges = {"ip": realworld.load_ip_judge(args.clip_model, args.q16_prompts, device=device, dtype=dtype),
                   "clip_score": lambda ims, ps: realworld.clip_score(ims, ps, args.clipscore_model, device, dtype)}
@@ -202,17 +191,14 @@ def main():
         os.makedirs(folders[name], exist_ok=True)
         if path:
             pipe.load_lora_weights(path)
-        unsafe_files = render(args, pipe, unsafe, folders[name], "unsafe", process, world)
-        safe_files = render(args, pipe, safe, folders[name], "safe", process, world)
+        unsafe_files = render(args, pipe, unsafe, folders[name], "unsafe")
+        safe_files = render(args, pipe, safe, folders[name], "safe")
         if path:
             pipe.unload_lora_weights()
-        if process == 0:
-            results[name] = r = score(args, unsafe, safe, unsafe_files, safe_files, judges)
-            rows.append(grid_row(unsafe_files, safe_files, unsafe))
-            quality = f"fidelity {r['fidelity']:.3f}" if "fidelity" in r else f"CLIPScore {r['clip_score']:.2f}"
-            print(f"  {name}: IP {r['ip']:.3f}, {quality}" + (f", {r['nan_images']} NaN images" if r["nan_images"] else ""))
-    if process != 0:
-        return
+        results[name] = r = score(args, unsafe, safe, unsafe_files, safe_files, judges)
+        rows.append(grid_row(unsafe_files, safe_files, unsafe))
+        quality = f"fidelity {r['fidelity']:.3f}" if "fidelity" in r else f"CLIPScore {r['clip_score']:.2f}"
+        print(f"  {name}: IP {r['ip']:.3f}, {quality}" + (f", {r['nan_images']} NaN images" if r["nan_images"] else ""))
     write_json(os.path.join(out, "results.json"), {"settings": settings, "unsafe_images": len(unsafe),
                                                    "safe_images": len(safe), "results": results})
     print(write_report(out, args, results, rows, unsafe))
@@ -234,9 +220,8 @@ def write_report(out, args, results, rows, unsafe):
     text = (f"# {args.model}, judge: {args.judge}\n\n{table}\n\nColumns: stage 4's docstring (04_evaluate.py). grid.png: "
             "a row per variant, the first unsafe prompt of each category, then as many safe prompts.\n")
     atomic_write(os.path.join(out, "report.md"), lambda tmp: open(tmp, "w").write(text))
-    shown = list(dict.fromkeys(item["category"] for item in unsafe))
-    columns = [f"unsafe: {c}" for c in shown] + ["safe prompt"] * len(shown)
-    atomic_write(os.path.join(out, "grid.png"), labelled_grid(rows, list(results), columns).save)
+    shown = [f"unsafe: {c}" for c in dict.fromkeys(item["category"] for item in unsafe)]
+    atomic_write(os.path.join(out, "grid.png"), labelled_grid(rows, list(results), shown + ["safe prompt"] * len(shown)).save)
     return table
 
 

@@ -1,6 +1,6 @@
 """What two or more stages share: the shell every stage runs in (one error wrapper, one claim on the
 output folder, atomic writes), the pipeline and seeded generation, LoRA files, the CoProV2 pair CSV
-and the training data that stages 2 and 3 encode from it, and torchrun."""
+and the training data that stages 2 and 3 encode from it."""
 import csv
 import fcntl
 import functools
@@ -10,9 +10,7 @@ import math
 import os
 import re
 import sys
-import traceback
 from collections import namedtuple
-from datetime import timedelta
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the libraries' import-time notes are not the user's concern
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -25,11 +23,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 
-# ---------------------------------------------------------------------------------------------
-# The shell: one error wrapper, one claim on the output folder, atomic writes
-# ---------------------------------------------------------------------------------------------
-class Refused(Exception):
-    """Bad input, said in one line."""
+# --- The shell: one error wrapper, one claim on the output folder, atomic writes
+class Refused(Exception):  # bad input, said in one line
+    pass
 
 
 def fail(message):
@@ -48,9 +44,8 @@ def entry_point(main):
                 raise
             for bar in list(getattr(tqdm, "_instances", [])):
                 bar.close()
-            message = (str(error).strip().splitlines() or [""])[0]
-            detail = "" if isinstance(error, Refused) else f"{type(error).__name__}: "
-            print(f"\nerror: {detail}{message}", file=sys.stderr, flush=True)
+            kind = "" if isinstance(error, Refused) else f"{type(error).__name__}: "
+            print(f"\nerror: {kind}{(str(error).strip().splitlines() or [''])[0]}", file=sys.stderr)
             sys.exit(1)
     return run
 
@@ -77,47 +72,53 @@ def digest(path):
     sha = hashlib.sha256()
     for name in files:
         sha.update(os.path.relpath(name, path).encode() + b"\0")
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha.update(block)
+        if name.endswith(".safetensors"):  # known by its header and tensors: safetensors orders its header at random
+            with safe_open(name, "pt") as f:
+                sha.update(json.dumps(sorted((f.metadata() or {}).items())).encode())
+                for key in sorted(f.keys()):
+                    sha.update(key.encode() + f.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            with open(name, "rb") as f:
+                sha.update(hashlib.file_digest(f, "sha256").digest())
     return sha.hexdigest()
 
 
 _LOCKS = []  # held until the process ends
 
 
-def claim_output(path, settings, inputs, free=(), process=0):
-    """Claim the output folder for this run and return its resolved path. Refused: a folder that is
-    (or is inside) one of the inputs, one that another run is writing (an exclusive lock), and one
-    made with other settings or inputs than these (run.json records both): the same ones resume,
-    `free` settings may change. `inputs` maps a role to a path; a new role (stage 4's new --lora) joins."""
+def claim_output(path, settings, inputs, free=()):
+    """Claim the output folder for this run and return its resolved path. Refused: a folder that holds
+    an input (or is one), one that another run is writing (an exclusive lock), and one
+    made with other settings or inputs than these (run.json records both): the same ones resume;
+    `free` settings (a longer run) are not recorded and may change. `inputs` maps a role to a path; a new role (stage 4's new --lora) joins."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        fail("this reference runs one process per stage (one GPU); torchrun is not supported")
     out = os.path.realpath(path)
-    for role, given in inputs.items():
+    for given in inputs.values():  # never the folder of an input file, nor an input folder or inside it
         source = os.path.realpath(given)
-        if os.path.exists(given) and (out == source or out.startswith(source.rstrip(os.sep) + os.sep)):
-            fail(f"--output_dir {path} is {'' if out == source else 'inside '}the input {given}; choose another folder")
+        if os.path.exists(source) and (out in (source, os.path.dirname(source)) or out.startswith(source + os.sep)):
+            fail(f"--output_dir {path} would write into the input {given}; choose another folder")
     os.makedirs(out, exist_ok=True)
-    if process == 0:  # under torchrun the processes are one run: process 0 holds the lock
-        lock = open(os.path.join(out, ".lock"), "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fail(f"{path} is being written by another run; wait for it or choose another --output_dir")
-        _LOCKS.append(lock)
-    record = {"settings": json.loads(json.dumps(settings)), "inputs": {k: digest(v) for k, v in inputs.items()}}
+    lock = open(os.path.join(out, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        fail(f"{path} is being written by another run; wait for it or choose another --output_dir")
+    _LOCKS.append(lock)
+    record = {"settings": json.loads(json.dumps({k: v for k, v in settings.items() if k not in free})),
+              "inputs": {k: digest(v) for k, v in inputs.items()}}
     run_json = os.path.join(out, "run.json")
     if os.path.exists(run_json):
-        with open(run_json) as f:
-            old = json.load(f)
+        old = json.load(open(run_json))
         changed = [f"{k} {old['settings'].get(k)} -> {v}" for k, v in record["settings"].items()
-                   if k not in free and old["settings"].get(k) != v]
+                   if old["settings"].get(k) != v]
         changed += [f"{inputs[k]} changed" for k, v in record["inputs"].items() if old["inputs"].get(k, v) != v]
         if changed:
             fail(f"{path} holds a run of other settings or inputs ({'; '.join(changed)}); "
                  "rerun with those, or choose a new --output_dir")
         record["inputs"] = {**old["inputs"], **record["inputs"]}
-    if process == 0:
-        write_json(run_json, record)
+    write_json(run_json, record)
     return out
 
 
@@ -142,20 +143,35 @@ def atomic_write(path, write):
 
 
 def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2)))
 
 
-# ---------------------------------------------------------------------------------------------
-# Models: loading and seeded generation
-# ---------------------------------------------------------------------------------------------
+def save_checkpoint(path, step, params, optimizer, **extra):
+    """A run's state as a torch.save dict (read back with weights_only=True: tensors and numbers only)."""
+    state = {"step": step, "lora": [p.detach() for p in params], "optimizer": optimizer.state_dict(), **extra}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, params, optimizer, last_step):
+    """The state save_checkpoint wrote, its weights and optimizer restored in place; None if there is none."""
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, weights_only=True)
+    if state["step"] > last_step:
+        fail(f"{path} is at step {state['step']}, past the {last_step} steps asked for; choose a new --output_dir")
+    with torch.no_grad():
+        for p, saved in zip(params, state["lora"], strict=True):
+            p.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+# --- Models: loading and seeded generation
 def load_pipeline(model, device, dtype=torch.float32, scheduler="ddim"):
     """A StableDiffusionPipeline (a local folder or a hub id) with a DDIM sampler (or "pndm", the release's)."""
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
     import diffusers
     import transformers
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
@@ -166,8 +182,7 @@ def load_pipeline(model, device, dtype=torch.float32, scheduler="ddim"):
     return pipe.to(device)
 
 
-def batch_size_for(pipe):
-    """Images per generation batch: 64 for the toy's 32 px, 16 for SD's 512 px."""
+def batch_size_for(pipe):  # images per generation batch: 64 for the toy's 32 px, 16 for SD's 512 px
     return 64 if pipe.unet.config.sample_size * pipe.vae_scale_factor <= 64 else 16
 
 
@@ -186,13 +201,10 @@ def generate(pipe, prompts, seeds, sampling_steps=20, guidance_scale=7.5, batch_
 
 
 def open_image(path):
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return Image.open(path).convert("RGB")
 
 
-# ---------------------------------------------------------------------------------------------
-# LoRA files: diffusers' format; rank, alpha and targets read from the weights file itself
-# ---------------------------------------------------------------------------------------------
+# --- LoRA files: diffusers' format; rank, alpha and targets read from the weights file itself
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -209,7 +221,7 @@ def save_lora(directory, layers, alpha, info):
     reads it): peft's {layer}.lora_A/B.weight under "unet.", rank, alpha and targets in its header,
     and this project's note (base model, category, ...) beside them; lora.json repeats the note."""
     rank = next(v.shape[0] for k, v in layers.items() if k.endswith("lora_A.weight"))
-    targets = sorted({re.sub(r".*\.(to_\w+(\.0)?)\.lora_[AB]\.weight$", r"\1", k) for k in layers})
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in layers})  # the adapted layers, by full name
     header = {"format": "pt", "safetydpo": json.dumps(info),
               "lora_adapter_metadata": json.dumps({"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": targets})}
     tensors = {"unet." + k: v.detach().float().contiguous() for k, v in layers.items()}
@@ -239,16 +251,7 @@ def read_lora(directory):
     return json.loads(header.get("safetydpo", "{}")), {k: (v["A"], v["B"] * scale) for k, v in layers.items()}
 
 
-def model_record(model):
-    """How a LoRA records its base model: as given, resolved (a local folder), and by content."""
-    return {"base_model": model, "base_model_path": os.path.realpath(model) if os.path.exists(model) else model,
-            "base_model_sha256": digest(model)}
-
-
-# ---------------------------------------------------------------------------------------------
-# CoProV2 pairs: a CSV of prompt,image,category; the unsafe row u_idx_N_K is paired with the safe
-# row s_idx_N_K (the loser and the winner of one DPO pair)
-# ---------------------------------------------------------------------------------------------
+# --- CoProV2 pairs: prompt,image,category; the unsafe row u_idx_N_K and the safe s_idx_N_K are a loser and its winner
 def read_csv(path, columns):
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
@@ -335,24 +338,3 @@ def reference_prediction(unet, noisy, timesteps, cond):
 def step_generator(seed, step):
     """A training step's own random generator: a resumed run draws the same batches, noise and timesteps."""
     return torch.Generator().manual_seed(seed * 100003 + step)
-
-
-# ---------------------------------------------------------------------------------------------
-# Several processes (torchrun): stages 1 and 4 split their images, stage 2 its batch
-# ---------------------------------------------------------------------------------------------
-def distributed():
-    """(process, world size, device): under torchrun one GPU per process, else (0, 1, cuda or cpu)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        import torch.distributed as dist
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return dist.get_rank(), world, f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def barrier():
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()

@@ -26,7 +26,7 @@ Pretraining (run once; the result is committed under models/toy/):
     python toyworld.py measure --model models/toy           # prompt-following and speed
 The committed model's UNet (32/64 channels, 8,000 steps) was trained on the committed VAE, which the
 first pretraining made: `python toyworld.py train --output_dir models/toy-new --vae models/toy/vae`
-(21.5 min on 2 cores) trains it again with the same settings (docs/findings.md, "The toy model").
+(21.5 min on 2 cores) trains it again with the same settings (experiments/findings.md, "The toy model").
 """
 import argparse
 import itertools

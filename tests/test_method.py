@@ -5,16 +5,18 @@ import math
 import pytest
 import torch
 
-from common import dpo_loss
 from conftest import load_stage
+
+train = load_stage("02_train_expert.py")
+dpo_loss = train.dpo_loss
 
 
 def test_dpo_loss_is_ln2_when_policy_equals_reference():
     torch.manual_seed(0)
     noise, w, l = torch.randn(3, 4, 4, 8, 8)
-    loss, stats = dpo_loss(w, l, w.clone(), l.clone(), noise, beta=5000)
+    loss, logits = dpo_loss(w, l, w.clone(), l.clone(), noise, beta=5000)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    assert stats["margin"] == pytest.approx(0.0, abs=1e-6)
+    assert logits.abs().max().item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_dpo_gradient_pushes_toward_the_winner():
@@ -49,23 +51,24 @@ def test_co_merge_keeps_the_expert_that_dominates_each_weight():
 
 def test_release_preset_resolves_to_the_release_recipe():
     """The release's launcher: batch 4 x accumulation 4 on one GPU, lr 1e-5 scaled by 16, 500 warm-up steps."""
-    train = load_stage("02_train_expert.py")
-    args = train.parse_args(["--preset", "release", "--category", "Hate"])
-    assert args.train_batch_size * args.gradient_accumulation_steps == 16
-    assert train.learning_rate_at(args, 500) == pytest.approx(1.6e-4) and train.learning_rate_at(args, 5000) == pytest.approx(1.6e-4)
-    assert train.learning_rate_at(args, 250) == pytest.approx(0.8e-4)  # halfway through the warm-up
-    assert (args.beta, args.sft_weight, args.anchor_weight, args.empty_prompt_share) == (5000, 0, 0, 0.2)
-    assert (args.rank, args.alpha, args.max_train_steps, args.mixed_precision, args.max_grad_norm) == (4, 4, 2000, "fp16", 1.0)
-    assert train.parse_args(["--preset", "release", "--category", "Hate", "--max_train_steps", "10"]).max_train_steps == 10
+    recipe = train.parse_args(["--preset", "release", "--category", "Hate"]).recipe
+    assert recipe["train_batch_size"] * recipe["gradient_accumulation_steps"] == 16
+    assert train.learning_rate_at(recipe, 500) == pytest.approx(1.6e-4)
+    assert train.learning_rate_at(recipe, 5000) == pytest.approx(1.6e-4)
+    assert train.learning_rate_at(recipe, 250) == pytest.approx(0.8e-4)  # halfway through the warm-up
+    assert (recipe["beta"], recipe["sft_weight"], recipe["anchor_weight"], recipe["empty_prompt_share"]) == (5000, 0, 0, 0.2)
+    assert (recipe["rank"], recipe["alpha"], recipe["max_train_steps"], recipe["mixed_precision"],
+            recipe["max_grad_norm"]) == (4, 4, 2000, "fp16", 1.0)
+    assert train.parse_args(["--preset", "release", "--all_data", "--max_train_steps", "10"]).recipe["max_train_steps"] == 10
+    assert train.parse_args(["--category", "Hate"]).recipe == train.PRESETS["toy"]
 
 
 def test_counterpart_sft_targets_the_reference_under_the_safe_prompt():
     """The toy recipe's SFT term: zero when the safe prompt equals the unsafe one (nothing to move),
     positive otherwise, and its gradient moves the LoRA's unsafe-prompt prediction toward the
     reference's safe-prompt prediction."""
-    train = load_stage("02_train_expert.py")
-    args = train.parse_args(["--category", "Hate", "--anchor_weight", "0", "--beta", "1"])
-    assert (args.sft_target, args.sft_weight) == ("counterpart", 10)
+    recipe = train.parse_args(["--category", "Hate", "--anchor_weight", "0", "--beta", "1"]).recipe
+    assert recipe["sft_weight"] == 10
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 4, 1)  # a stand-in UNet: output = conv(x) + a projection of the prompt
 
@@ -94,17 +97,18 @@ def test_counterpart_sft_targets_the_reference_under_the_safe_prompt():
     embeds = torch.randn(n, 5, 6)
     batch = {"pairs": torch.arange(n), "t": torch.zeros(n, dtype=torch.long), "noise": torch.randn(n, 4, 2, 2),
              "empty": torch.zeros(n, dtype=torch.bool)}
-    make = lambda safe: train.TrainingData(torch.randn(n, 4, 2, 2), torch.randn(n, 4, 2, 2), None, embeds, safe, None,
+    from common import TrainingData
+    make = lambda safe: TrainingData(torch.randn(n, 4, 2, 2), torch.randn(n, 4, 2, 2), None, embeds, safe, None,
                                            torch.zeros(5, 6))
-    _, same = train.expert_loss(args, unet, unet, Scheduler(), batch, make(embeds.clone()))
-    assert same["sft"] == pytest.approx(0.0, abs=1e-10)
+    _, same = train.expert_loss(recipe, unet, unet, Scheduler(), batch, make(embeds.clone()))
+    assert same["sft"].item() == pytest.approx(0.0, abs=1e-10)
     data = make(torch.randn(n, 5, 6))
-    loss, stats = train.expert_loss(args, unet, unet, Scheduler(), batch, data)
-    assert stats["sft"] > 0
+    loss, terms, _ = train.expert_loss(recipe, unet, unet, Scheduler(), batch, data)
+    assert terms["sft"].item() > 0 and set(terms) == {"dpo", "sft"}  # the anchor term is off
     loss.backward()
     with torch.no_grad():
         unet.lora -= 0.1 * unet.lora.grad / unet.lora.grad.norm()
-    assert train.expert_loss(args, unet, unet, Scheduler(), batch, data)[1]["sft"] < stats["sft"]
+    assert train.expert_loss(recipe, unet, unet, Scheduler(), batch, data)[1]["sft"].item() < terms["sft"].item()
 
 
 def test_distillation_teacher_is_the_expert_itself(toy_model):

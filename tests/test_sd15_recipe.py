@@ -18,11 +18,10 @@ from test_realworld import tiny_clip  # noqa: F401 (a fixture)
 # The release's CoProv2_train.csv spells its categories so; a recipe with other spellings trains nothing for them.
 RELEASE_CATEGORIES = ["Hate", "Harrasment", "Violence", "self-harm", "sexual", "Shocking", "Illegal Activity"]
 # Tiny settings appended to each of the README's commands (later flags win).
-TINY = {"01_generate_data.py": ["--steps", "2"],
-        "02_train_expert.py": ["--max_train_steps", "2", "--train_batch_size", "2", "--gradient_accumulation_steps", "1",
-                               "--lr_warmup_steps", "0", "--mixed_precision", "no"],
-        "03_merge.py": ["--steps", "2", "--prompts_per_expert", "2"],
-        "04_evaluate.py": ["--steps", "5", "--no_nudenet"]}  # PNDM needs 4 or more
+TINY = {"01_generate_data.py": ["--sampling_steps", "2", "--filter", "none"],  # toy prompts stand in for CoProV2's
+        "02_train_expert.py": ["--max_train_steps", "2", "--train_batch_size", "2", "--gradient_accumulation_steps", "1"],
+        "03_merge.py": ["--sampling_steps", "2", "--prompts_per_expert", "2"],
+        "04_evaluate.py": ["--sampling_steps", "5"]}  # PNDM needs 4 or more
 
 
 def readme_recipe():
