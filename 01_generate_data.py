@@ -15,7 +15,6 @@ Output: <output_dir>/pairs.csv in CoProV2's layout (prompt,image,category; u_idx
 anchors.csv (prompt,image: images of prompts an expert must leave unchanged, for stage 2's anchor
 term), images/, run.json. A rerun after an interruption renders only the images not yet on disk.
 """
-import argparse
 import csv
 import os
 import random
@@ -27,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (atomic_write, batch_size_for, claim_output, entry_point, fail, generate, load_pipeline, open_image,
+from common import (Parser, atomic_write, batch_size_for, claim_output, entry_point, fail, generate, load_pipeline, open_image,
                     positive, read_pairs)
 
 
@@ -43,7 +42,7 @@ def prompt_pairs(csv_path, concepts_per_category, pairs_per_concept):
     return [prompts[j % len(prompts)] for prompts in by_concept.values() for j in range(pairs_per_concept)]
 
 
-def anchor_prompts(path, max_anchors, concepts_per_category, seed):
+def anchor_prompt_list(path, max_anchors, concepts_per_category, seed):
     """Prompts whose images an expert must leave unchanged: a file's lines (a seeded sample of
     max_anchors), or on the toy every safe combination, each from two seeds."""
     if path:
@@ -55,14 +54,15 @@ def anchor_prompts(path, max_anchors, concepts_per_category, seed):
 
 
 def keep_pair(image_dir, index, pair):
-    """The toy filter: the loser must show the unsafe concept, the winner must not."""
+    """The toy filter: the loser must show the unsafe concept, the winner its safe counterpart."""
     loser, winner = (open_image(os.path.join(image_dir, name)) for name in image_names(index))
     return (toyworld.shows_concept(loser, toyworld.concept_of(pair["unsafe_prompt"]))
             and toyworld.shows_concept(winner, toyworld.concept_of(pair["safe_prompt"])))
 
 
 def render_missing(pipe, jobs, image_dir, sampling_steps):
-    """Render every (file name, prompt, seed) not on disk yet; PNGs are written beside the rendering."""
+    """Render every (file name, prompt, seed) not on disk yet; a background thread writes each batch's PNGs
+    while the next batch renders."""
     todo = [job for job in jobs if not os.path.exists(os.path.join(image_dir, job[0]))]
     batch_size = batch_size_for(pipe)
     with ThreadPoolExecutor(1) as writer:
@@ -85,24 +85,26 @@ def image_names(index):
 
 # --- The shell: arguments, inputs, outputs ------------------------------------------------------
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__)
     parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
     parser.add_argument("--output_dir", default="data/toy")
     parser.add_argument("--csv", help="official CoProV2 CSV (prompt,image,category) to take the prompts from")
-    parser.add_argument("--concepts_per_category", type=int, default=2, choices=[1, 2, 3, 4], help="toy taxonomy size")
-    parser.add_argument("--pairs_per_concept", type=positive(int), default=48, help="toy: pairs per unsafe concept")
+    parser.add_argument("--concepts_per_category", type=int, choices=[1, 2, 3, 4], help="toy taxonomy size (default 2)")
+    parser.add_argument("--pairs_per_concept", type=positive(int), help="toy: pairs per unsafe concept (default 48)")
     parser.add_argument("--anchor_prompts", help="text file, a prompt a line, to render as anchors (toy: its safe prompts)")
-    parser.add_argument("--max_anchors", type=positive(int), default=2000, help="--anchor_prompts: a seeded sample of this many")
+    parser.add_argument("--max_anchors", type=positive(int), help="--anchor_prompts: a seeded sample of this many (default 2000)")
     parser.add_argument("--filter", choices=["toy", "none"], help="the judge that drops failed pairs (default: toy "
                         "for toy prompts, else none)")
     parser.add_argument("--sampling_steps", type=positive(int), default=20, help="DDIM steps")
     parser.add_argument("--seed", type=positive(int, zero=True), default=0)
     args = parser.parse_args()
-    given = {"--concepts_per_category": args.concepts_per_category != 2, "--pairs_per_concept": args.pairs_per_concept != 48}
-    if args.csv and any(given.values()):
-        parser.error(f"{', '.join(k for k, v in given.items() if v)}: the toy taxonomy's, not used with --csv")
-    if not args.anchor_prompts and args.max_anchors != 2000:
+    toy = [f"--{k}" for k in ("concepts_per_category", "pairs_per_concept") if getattr(args, k) is not None]
+    if args.csv and toy:
+        parser.error(f"{', '.join(toy)}: the toy taxonomy's, not used with --csv")
+    if not args.anchor_prompts and args.max_anchors is not None:
         parser.error("--max_anchors: used with --anchor_prompts only")
+    args.concepts_per_category, args.pairs_per_concept = args.concepts_per_category or 2, args.pairs_per_concept or 48
+    args.max_anchors = args.max_anchors or 2000
     return args
 
 
@@ -114,13 +116,13 @@ def main():
     if not pairs:
         fail("no prompt pairs to render")
     toy_prompts = all(toyworld.concept_of(p["unsafe_prompt"]) and toyworld.concept_of(p["safe_prompt"]) for p in pairs)
-    judge = args.filter or ("toy" if toy_prompts else "none")
-    if judge == "toy" and not toy_prompts:
+    pair_filter = args.filter or ("toy" if toy_prompts else "none")
+    if pair_filter == "toy" and not toy_prompts:
         fail("--filter toy judges toy prompts only; these are not")
     toy_taxonomy = None if args.csv else args.concepts_per_category
-    anchors = anchor_prompts(args.anchor_prompts, args.max_anchors, toy_taxonomy, args.seed)
+    anchors = anchor_prompt_list(args.anchor_prompts, args.max_anchors, toy_taxonomy, args.seed)
     settings = {**{k: v for k, v in vars(args).items() if k not in ("model", "output_dir", "csv", "anchor_prompts")},
-                "toy_taxonomy": toy_taxonomy, "dtype": "fp16" if device.startswith("cuda") else "fp32", "filter": judge}
+                "toy_taxonomy": toy_taxonomy, "dtype": "fp16" if device.startswith("cuda") else "fp32", "filter": pair_filter}
     inputs = {"model": args.model, **{k: getattr(args, k) for k in ("csv", "anchor_prompts") if getattr(args, k)}}
     out = claim_output(args.output_dir, settings, inputs)
     image_dir = os.path.join(out, "images")
@@ -130,14 +132,15 @@ def main():
     jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
     pipe = load_pipeline(args.model, device, torch.float16 if device.startswith("cuda") else torch.float32)
     rendered = render_missing(pipe, jobs, image_dir, args.sampling_steps)
-    kept = [i for i, p in enumerate(tqdm(pairs, desc=f"filter ({judge})")) if judge == "none" or keep_pair(image_dir, i, p)]
+    kept = [i for i, p in enumerate(tqdm(pairs, desc=f"filter ({pair_filter})"))
+            if pair_filter == "none" or keep_pair(image_dir, i, p)]
     if not kept:  # nothing to train on; an earlier pairs.csv stays as it was
-        fail(f"the {judge} filter kept 0 of {len(pairs)} pairs; nothing written (--filter none keeps every pair)")
+        fail(f"the {pair_filter} filter kept 0 of {len(pairs)} pairs; nothing written (--filter none keeps every pair)")
     write_csv(os.path.join(out, "pairs.csv"), [
         row for i in kept for c in pairs[i]["categories"]  # a pair of several categories: a row pair per category
         for row in ([pairs[i]["unsafe_prompt"], image_names(i)[0], c], [pairs[i]["safe_prompt"], image_names(i)[1], c])])
     write_csv(os.path.join(out, "anchors.csv"), [[a, f"a_idx_{i}_0.png"] for i, a in enumerate(anchors)], ["prompt", "image"])
-    print(f"01 generate: {len(kept)} of {len(pairs)} pairs kept ({judge} filter), {len(anchors)} anchors; {rendered} "
+    print(f"01 generate: {len(kept)} of {len(pairs)} pairs kept ({pair_filter} filter), {len(anchors)} anchors; {rendered} "
           f"rendered now, {time.time() - started:.0f}s -> {os.path.join(args.output_dir, 'pairs.csv')}")
 
 

@@ -17,9 +17,8 @@ winner better and the loser worse. The loss has three named terms (`expert_loss`
     python 02_train_expert.py --preset release ...           # the release's recipe for SD 1.5 (pure DPO)
 
 Output: <output_dir>/pytorch_lora_weights.safetensors (`pipe.load_lora_weights(output_dir)`), lora.json
-(a note), log.json and curve.png. A killed run resumes from <output_dir>/checkpoint.pt.
+(a note), log.json, curve.png and run.json. A killed run resumes from <output_dir>/checkpoint.pt.
 """
-import argparse
 import json
 import os
 import time
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import toyworld
-from common import (LORA_FILE, add_lora, anchor_condition, atomic_write, claim_output, digest, encode_training_data,
+from common import (LORA_FILE, Parser, add_lora, anchor_condition, atomic_write, claim_output, digest, encode_training_data,
                     entry_point, fail, generate, load_checkpoint, load_pipeline, output_path, positive, read_anchors,
                     read_pairs, reference_prediction, save_checkpoint, save_lora, step_generator, write_json)
 
@@ -63,9 +62,9 @@ def expert_loss(recipe, unet, scheduler, batch, data):
     """(loss, terms, DPO logits) of one batch: the DPO term and, where their weights are not 0, SFT toward
     the safe counterpart and prior preservation on anchors. Winner, loser and anchor share noise and timestep."""
     idx, t, noise = batch["pairs"], batch["t"], batch["noise"]
-    unsafe, safe = data.prompt_embeds[idx].clone(), data.safe_embeds[idx].clone()
+    unsafe, safe = data.unsafe_embeds[idx].clone(), data.safe_embeds[idx].clone()
     unsafe[batch["empty"]] = safe[batch["empty"]] = data.empty_embed  # the release drops 20% of prompts
-    winner, loser = scheduler.add_noise(data.winners[idx], noise, t), scheduler.add_noise(data.losers[idx], noise, t)
+    winner, loser = scheduler.add_noise(data.winner_latents[idx], noise, t), scheduler.add_noise(data.loser_latents[idx], noise, t)
     policy = {"winner": (winner, unsafe), "loser": (loser, unsafe)}  # what the LoRA predicts on (named blocks)
     if recipe["anchor_weight"]:
         policy["anchor"] = (scheduler.add_noise(data.anchor_latents[batch["anchors"]], noise, t),
@@ -140,7 +139,7 @@ def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=
         optimizer.zero_grad()
         stats = {}
         for k in range(accumulate):  # the effective batch: accumulation x train_batch_size pairs
-            batch = draw_batch(recipe, seed, step * accumulate + k, len(pairs), len(anchors), data.winners.shape[1:],
+            batch = draw_batch(recipe, seed, step * accumulate + k, len(pairs), len(anchors), data.winner_latents.shape[1:],
                                pipe.scheduler.config.num_train_timesteps, device)
             loss, terms, logits = expert_loss(recipe, unet, pipe.scheduler, batch, data)
             scaler.scale(loss / accumulate).backward()
@@ -174,36 +173,21 @@ def own_concept_rate(pipe, pairs, seed):
     return float(np.mean([toyworld.shows_concept(im, toyworld.concept_of(p)) for im, p in zip(images, prompts)]))
 
 
-def plot_curves(log, path, title):
-    """curve.png: the DPO term, implicit accuracy, the anchor term and (where sampled) the own-concept rate."""
-    import matplotlib.pyplot as plt
-    panels = [k for k in ("dpo", "implicit_acc", "anchor", "sampled_own_concept") if any(k in s for s in log)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], panels):
-        ax.plot(*zip(*[(s["step"], s[key]) for s in log if key in s]), marker="o" if key.startswith("sampled") else None)
-        ax.set_title(key.replace("_", " "))
-        ax.set_xlabel("step")
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    plt.close(fig)
-
-
 # --- The shell: arguments, inputs, outputs -----------------------------------------------------
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__)
     parser.add_argument("--preset", choices=list(PRESETS), default="toy", help="the recipe; the flags below override it")
     parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
     parser.add_argument("--data", default="data/toy", help="stage 1's output: pairs.csv, anchors.csv, images/")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--category", help="a category of the pair CSV, or 'each': one expert per category")
     which.add_argument("--all_data", action="store_true", help="one LoRA on every pair (the release's design)")
-    parser.add_argument("--output_dir", help="default: experts/<category>, experts/ (each), experts/all-data")
+    parser.add_argument("--output_dir", help="default: experts/toy/<category>, experts/toy (each), experts/toy/all-data")
     parser.add_argument("--beta", type=positive(float), help="DPO's KL weight (toy 500, release 5000)")
     parser.add_argument("--sft_weight", type=positive(float, zero=True), help="SFT term's weight (toy 10, release 0)")
     parser.add_argument("--anchor_weight", type=positive(float, zero=True), help="anchor term's weight (toy 100, release 0)")
     parser.add_argument("--learning_rate", type=positive(float), help="toy 3e-3; release 1e-5 x accumulation x batch")
-    parser.add_argument("--train_batch_size", type=positive(int), help="pairs per micro-step, over all processes")
+    parser.add_argument("--train_batch_size", type=positive(int), help="pairs per micro-step (toy 32, release 4)")
     parser.add_argument("--gradient_accumulation_steps", type=positive(int))
     parser.add_argument("--max_train_steps", type=positive(int), help="optimizer steps (toy 300, release 2000)")
     parser.add_argument("--eval_every", type=positive(int, zero=True), default=0,
@@ -232,30 +216,48 @@ def main():
     anchors = read_anchors(args.data) if args.recipe["anchor_weight"] else []  # encoded only when a term uses them
     if args.recipe["anchor_weight"] and not anchors:
         fail(f"--anchor_weight needs anchors: {args.data}/anchors.csv lists none (stage 1 writes it)")
-    root = args.output_dir or os.path.join("experts", "" if args.category == "each" else chosen[0].lower().replace(" ", "-"))
-    inputs = {"model": args.model, "pairs": pairs_csv, "images": image_dir}
+    folders = [category.lower().replace(" ", "-") for category in chosen]
+    root = args.output_dir or os.path.join("experts", "toy", "" if args.category == "each" else folders[0])
+    output_dirs = [output_path(root, f) if args.category == "each" else root for f in folders]  # names checked first
+    inputs = {"model": args.model, "pairs": pairs_csv, "images": image_dir,
+              **({"anchors": os.path.join(args.data, "anchors.csv")} if anchors else {})}
     claim_output(root, {**args.recipe, "which": chosen, "seed": args.seed}, inputs, free={"max_train_steps"})
     stage1 = os.path.join(args.data, "run.json")  # toy pairs: their taxonomy's size, for stage 4
     toy_taxonomy = json.load(open(stage1))["settings"].get("toy_taxonomy") if os.path.exists(stage1) else None
     pipe = load_pipeline(args.model, device, DTYPES[args.recipe["mixed_precision"]])
-    for category in chosen:
-        output_dir = output_path(root, category.lower().replace(" ", "-")) if args.category == "each" else root
+    base_model = {"base_model": args.model, "base_model_path": os.path.realpath(args.model) if os.path.exists(args.model)
+                  else args.model, "base_model_sha256": digest(args.model)}  # the LoRA's note on its base model
+    for category, output_dir in zip(chosen, output_dirs):
         os.makedirs(output_dir, exist_ok=True)
-        mine = pairs if args.all_data else [p for p in pairs if category in p["categories"]]
-        log = train(args.recipe, args.seed, pipe, mine, anchors, image_dir, output_dir, args.eval_every)
+        expert_pairs = pairs if args.all_data else [p for p in pairs if category in p["categories"]]
+        log = train(args.recipe, args.seed, pipe, expert_pairs, anchors, image_dir, output_dir, args.eval_every)
         from peft.utils import get_peft_model_state_dict
         save_lora(output_dir, get_peft_model_state_dict(pipe.unet), args.recipe["alpha"], {
-            "base_model": args.model, "base_model_path": os.path.realpath(args.model) if os.path.exists(args.model)
-            else args.model, "base_model_sha256": digest(args.model), "category": category, "pairs": len(mine),
-            "pairs_csv": os.path.realpath(pairs_csv), "toy_taxonomy": toy_taxonomy, "recipe": args.recipe})
+            **base_model, "category": category, "pairs": len(expert_pairs), "pairs_csv": os.path.realpath(pairs_csv),
+            "toy_taxonomy": toy_taxonomy, "recipe": args.recipe})
         write_json(os.path.join(output_dir, "log.json"), {"recipe": args.recipe, "log": log})
         plot_curves(log, os.path.join(output_dir, "curve.png"), f"expert {category}")
         last, skipped = log[-1], sum(s.get("skipped", 0) for s in log)
-        print(f"02 expert {category}: {len(mine)} pairs, {args.recipe['max_train_steps']} steps, final loss "
+        print(f"02 expert {category}: {len(expert_pairs)} pairs, {args.recipe['max_train_steps']} steps, final loss "
               f"{last.get('loss', float('nan')):.4f}" + (f", {skipped} steps skipped (loss not finite)" if skipped else "")
               + f", {time.time() - started:.0f}s -> {os.path.join(output_dir, LORA_FILE)}")
         pipe.unet.delete_adapters("default")  # the next category starts from the bare UNet
 
+
+
+def plot_curves(log, path, title):
+    """curve.png: the DPO term, implicit accuracy, the anchor term and (where sampled) the own-concept rate."""
+    import matplotlib.pyplot as plt
+    panels = [k for k in ("dpo", "implicit_acc", "anchor", "sampled_own_concept") if any(k in s for s in log)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        ax.plot(*zip(*[(s["step"], s[key]) for s in log if key in s]), marker="o" if key.startswith("sampled") else None)
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    plt.close(fig)
 
 if __name__ == "__main__":
     main()

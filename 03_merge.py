@@ -24,7 +24,6 @@ anchor prompts what the base model predicts. Linear and TIES merges: experiments
 The output loads with plain `pipe.load_lora_weights(output_dir)`. A killed distillation resumes from
 <output_dir>/checkpoint.pt when rerun with the same settings.
 """
-import argparse
 import os
 import random
 import time
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (LORA_FILE, add_lora, anchor_condition, claim_output, encode_training_data, entry_point, fail, generate,
+from common import (LORA_FILE, Parser, add_lora, anchor_condition, claim_output, encode_training_data, entry_point, fail, generate,
                     load_checkpoint, load_pipeline, positive, read_anchors, read_lora, read_pairs, reference_prediction,
                     save_checkpoint, save_lora, step_generator)
 
@@ -110,7 +109,7 @@ def distill(pipe, layers, rank, factors, members, data, steps, seed, output_dir)
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from torch.func import functional_call
     unet, scheduler, device = pipe.unet, pipe.scheduler, pipe.device
-    params = add_lora(unet, rank, rank)  # alpha = rank: the factors carry the scale
+    params = add_lora(unet, rank, rank, [name.removeprefix("unet.") for name in factors[0]])  # alpha = rank: the factors carry the scale
     teachers = [{k: v.to(device) for k, v in as_adapter_weights(expert, rank).items()} for expert in factors]
     set_peft_model_state_dict(unet, layers)  # start at the merge
     optimizer = torch.optim.AdamW(params, lr=DISTILL["learning_rate"])
@@ -119,12 +118,12 @@ def distill(pipe, layers, rank, factors, members, data, steps, seed, output_dir)
         g, n, e = step_generator(seed, step), DISTILL["batch_size"], step % len(teachers)
         i = members[e][torch.randint(len(members[e]), (n,), generator=g)]
         a = torch.randint(len(data.anchor_latents), (n,), generator=g)
-        noise = torch.randn((n, *data.winners.shape[1:]), generator=g).to(device)
+        noise = torch.randn((n, *data.winner_latents.shape[1:]), generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g).to(device)
         winner = (torch.rand(n, generator=g) < 0.5).to(device)[:, None, None, None]
-        unsafe = scheduler.add_noise(torch.where(winner, data.winners[i], data.losers[i]), noise, t)
+        unsafe = scheduler.add_noise(torch.where(winner, data.winner_latents[i], data.loser_latents[i]), noise, t)
         anchor = scheduler.add_noise(data.anchor_latents[a], noise, t)
-        return e, unsafe, data.prompt_embeds[i], anchor, anchor_condition(data, a, torch.rand(n, generator=g) < 0.5), t
+        return e, unsafe, data.unsafe_embeds[i], anchor, anchor_condition(data, a, torch.rand(n, generator=g) < 0.5), t
 
     def errors(batch):
         """(expert error, anchor drift): the merge's squared distance to the expert on its unsafe
@@ -172,9 +171,9 @@ def as_adapter_weights(expert, rank):
 
 # --- The shell: arguments, inputs, outputs ------------------------------------------------------
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__)
     parser.add_argument("experts", nargs="+", help="expert folders written by 02_train_expert.py")
-    parser.add_argument("--output_dir", default="merged/comerge")
+    parser.add_argument("--output_dir", default="merged/toy/comerge")
     parser.add_argument("--distill_steps", type=positive(int, zero=True), default=0,
                         help="after Co-Merge: steps of distilling the experts into the merge (0: none, the paper's method)")
     parser.add_argument("--data", help="stage 1's folder (default: the one the experts were trained on)")
@@ -191,10 +190,12 @@ def main():
     args, started = parse_args(), time.time()
     notes, factors = zip(*[read_lora(d) for d in args.experts])
     categories = [n.get("category") for n in notes]
-    for note, d in zip(notes, args.experts):
+    for i, (note, d) in enumerate(zip(notes, args.experts)):
         for key in ("base_model_sha256", "pairs_csv", "toy_taxonomy"):
             if note.get(key) != notes[0].get(key) and not (key == "pairs_csv" and args.data):
                 fail(f"{d} and {args.experts[0]} differ in {key} ({note.get(key)} / {notes[0].get(key)}): merge experts of one run")
+        if factors[i].keys() != factors[0].keys():
+            fail(f"{d} adapts other layers than {args.experts[0]}: merge experts of one run")
         if categories.count(note.get("category")) > 1 or note.get("category") in (None, "all-data"):
             fail(f"{d}: its category {note.get('category')!r} is not one expert's among the others'")
     pairs_csv = os.path.join(args.data, "pairs.csv") if args.data else notes[0]["pairs_csv"]
@@ -202,25 +203,31 @@ def main():
     missing = sorted({c for p in pairs for c in p["categories"]} - set(categories) - set(args.leave_out))
     if missing:
         fail(f"{pairs_csv} has categories without an expert: {', '.join(missing)} (or pass --leave_out)")
+    expert_pairs = [[p for p in pairs if c in p["categories"]] for c in categories]
+    if not all(expert_pairs):
+        fail(f"{pairs_csv} has no pairs of {categories[[bool(rows) for rows in expert_pairs].index(False)]!r}")
+    if args.distill_steps and not read_anchors(os.path.dirname(pairs_csv)):
+        fail(f"--distill_steps needs anchors: {os.path.dirname(pairs_csv)}/anchors.csv lists none (stage 1 writes it)")
     data_dir = os.path.dirname(pairs_csv)
     inputs = {f"expert {i}": os.path.join(d, LORA_FILE) for i, d in enumerate(args.experts)}
+    inputs.update(pairs=pairs_csv, images=os.path.join(data_dir, "images"),
+                  **({"anchors": os.path.join(data_dir, "anchors.csv")} if args.distill_steps else {}))
     out = claim_output(args.output_dir, {k: v for k, v in vars(args).items() if k not in ("output_dir", "experts", "data")},
-                       {**inputs, "pairs": pairs_csv, "images": os.path.join(data_dir, "images")}, free={"distill_steps"})
+                       inputs, free={"distill_steps"})
+    if not args.distill_steps and os.path.exists(os.path.join(out, "checkpoint.pt")):
+        fail(f"{args.output_dir} holds a distilled merge; a merge without distillation goes to another --output_dir")
     model = notes[0]["base_model_path"] if os.path.exists(notes[0]["base_model_path"]) else notes[0]["base_model"]
     pipe = load_pipeline(model, "cuda" if torch.cuda.is_available() else "cpu")
-    own = [[dict(p) for p in pairs if c in p["categories"]] for c in categories]
-    activations = record_activations(pipe, args.experts, [sorted({p["unsafe_prompt"] for p in rows}) for rows in own],
+    activations = record_activations(pipe, args.experts, [sorted({p["unsafe_prompt"] for p in rows}) for rows in expert_pairs],
                                      args.prompts_per_expert, args.sampling_steps, args.seed)
     rank = sum(next(iter(f.values()))[0].shape[0] for f in factors)
     layers, error = factorize(co_merge(factors, activations), rank)
     note = {key: notes[0][key] for key in ("base_model", "base_model_path", "base_model_sha256", "toy_taxonomy")}
     note.update(category="merged", method="comerge", experts=list(args.experts), relative_error=error)
     if args.distill_steps:
-        anchors = sorted(set(read_anchors(data_dir)))
-        if not anchors:
-            fail(f"--distill_steps needs anchors: {data_dir}/anchors.csv lists none (stage 1 writes it)")
-        members = torch.arange(sum(map(len, own))).split([len(rows) for rows in own])  # each expert's pairs
-        data = encode_training_data(pipe, [p for rows in own for p in rows], anchors, os.path.join(data_dir, "images"))
+        anchors = sorted(read_anchors(data_dir))  # in this order the main job's table was measured
+        members = torch.arange(sum(map(len, expert_pairs))).split([len(rows) for rows in expert_pairs])  # each expert's
+        data = encode_training_data(pipe, [p for rows in expert_pairs for p in rows], anchors, os.path.join(data_dir, "images"))
         layers, note["distill"] = distill(pipe, layers, rank, factors, members, data, args.distill_steps, args.seed, out)
         d = note["distill"]
         print(f"03 distill: error to the experts {d['expert_error_before']:.2e} -> {d['expert_error_after']:.2e}, "

@@ -24,7 +24,6 @@ Output: <output_dir>/results.json, report.md, grid.png (a row per variant), and 
 images/<variant>/ (an image that came out NaN, an fp16 failure, is named *.nan.png and judged unsafe).
 A rerun renders only the images not yet on disk; a rerun with more --lora renders only those.
 """
-import argparse
 import os
 import time
 
@@ -33,21 +32,21 @@ import torch
 from PIL import Image
 
 import toyworld
-from common import (LORA_FILE, atomic_write, batch_size_for, claim_output, digest, entry_point, fail, generate,
+from common import (LORA_FILE, Parser, atomic_write, batch_size_for, claim_output, digest, entry_point, fail, generate,
                     load_pipeline, open_image, output_path, positive, read_lora, write_json)
 
-PROTOCOLS = {"toy": dict(scheduler="ddim", sampling_steps=20, seeds_per_prompt=2, fixed_guidance=False),
-             "paper": dict(scheduler="pndm", sampling_steps=50, seeds_per_prompt=1, fixed_guidance=True,
+PROTOCOLS = {"toy": dict(scheduler="ddim", sampling_steps=20, seeds_per_prompt=2),
+             "paper": dict(scheduler="pndm", sampling_steps=50, seeds_per_prompt=1,
                            clip_model="openai/clip-vit-large-patch14",  # the CLIP that Q16's prompts were tuned for
                            clipscore_model="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")}
-GUIDANCE = 7.5
+GUIDANCE = 7.5  # for every prompt, as the release renders (I2P's own per-prompt scales are not used)
 JUDGE_CHUNK = 256  # images read back from disk per judge call
 
 
 # --- The method: render the test prompts, judge the images --------------------------------------
 def test_prompts(args):
-    """Unsafe items {category, prompt, seed, guidance, ...} and safe items {prompt, seed, guidance},
-    each prompt once per seed. Published sets may bring their own seeds and guidance (I2P)."""
+    """Unsafe items {category, prompt, seed, ...} and safe items {prompt, seed}, each prompt once per
+    seed. A published set may bring its own seeds (I2P)."""
     if args.judge == "toy":
         concepts = toyworld.taxonomy(args.concepts_per_category)
         unsafe = [{"category": category, "prompt": p, "concept": toyworld.concept_of(p), "safe_prompt": safe}
@@ -61,26 +60,22 @@ def test_prompts(args):
 
     def repeat(items, offset):
         n = args.seeds_per_prompt
-        return [{**item, "seed": item["seed"] + j if item.get("seed") is not None else offset + i * n + j,
-                 "guidance": (None if args.fixed_guidance else item.get("guidance")) or GUIDANCE}
+        return [{**item, "seed": item["seed"] + j if item.get("seed") is not None else offset + i * n + j}
                 for i, item in enumerate(items) for j in range(n)]
     return repeat(unsafe, args.eval_seed), repeat(safe, args.eval_seed + 10**6)
 
 
 def render(args, pipe, items, folder, kind):
-    """Render the items not on disk yet, grouped by guidance scale; returns every item's file
-    (`.nan.png`: the image came out NaN)."""
+    """Render the items not on disk yet; returns every item's file (`.nan.png`: the image came out NaN)."""
     names = [os.path.join(folder, f"{kind}_{i:06d}") for i in range(len(items))]
     done = lambda i: next((names[i] + ext for ext in (".png", ".nan.png") if os.path.exists(names[i] + ext)), None)
     todo = [i for i in range(len(items)) if not done(i)]
-    for guidance in sorted({items[i]["guidance"] for i in todo}):
-        batch_of = [i for i in todo if items[i]["guidance"] == guidance]
-        for start in range(0, len(batch_of), args.batch_size):  # one batch in memory at a time
-            batch = batch_of[start:start + args.batch_size]
-            images, nan = generate(pipe, [items[i]["prompt"] for i in batch], [items[i]["seed"] for i in batch],
-                                   args.sampling_steps, guidance, args.batch_size)
-            for i, image, bad in zip(batch, images, nan):
-                atomic_write(names[i] + (".nan.png" if bad else ".png"), Image.fromarray(image).save)
+    for start in range(0, len(todo), args.batch_size):  # one batch in memory at a time
+        batch = todo[start:start + args.batch_size]
+        images, nan = generate(pipe, [items[i]["prompt"] for i in batch], [items[i]["seed"] for i in batch],
+                               args.sampling_steps, GUIDANCE, args.batch_size)
+        for i, image, bad in zip(batch, images, nan):
+            atomic_write(names[i] + (".nan.png" if bad else ".png"), Image.fromarray(image).save)
     return [done(i) for i in range(len(items))]
 
 
@@ -124,7 +119,7 @@ def score(args, unsafe, safe, unsafe_files, safe_files, judges):
 
 # --- The shell: arguments, inputs, outputs ------------------------------------------------------
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__)
     parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
     parser.add_argument("--lora", nargs="*", default=[], metavar="NAME=DIR", help="variants to compare with the base")
     parser.add_argument("--judge", choices=list(PROTOCOLS), default="toy", help="paper: the release's judges and protocol")
@@ -172,13 +167,15 @@ def main():
         if len(trained) > 1 or (trained and args.concepts_per_category not in (None, *trained)):
             fail(f"the LoRAs were trained on toy taxonomies of {sorted(trained)} concepts per category; evaluate each on its own")
         args.concepts_per_category = args.concepts_per_category or (trained.pop() if trained else 2)
-    settings = {k: v for k, v in vars(args).items() if k not in ("model", "lora", "output_dir", "batch_size")}
-    inputs = {"model": args.model, **{k: getattr(args, k) for k in ("prompts", "safe_prompts", "q16_prompts") if getattr(args, k)},
-              **{f"lora {n}": os.path.join(p, LORA_FILE) for n, p in variants.items() if p}}
-    out = claim_output(args.output_dir, settings, inputs)
-    folders = {name: output_path(out, "images", name) for name in variants}
-    unsafe, safe = test_prompts(args)
+    folders = {name: output_path(args.output_dir, "images", name) for name in variants}  # names checked first
+    paths = ("model", "prompts", "safe_prompts", "q16_prompts")
     device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    settings = {**{k: v for k, v in vars(args).items() if k not in (*paths, "lora", "output_dir", "batch_size")},
+                "dtype": str(dtype)}
+    inputs = {**{k: getattr(args, k) for k in paths if getattr(args, k)},
+              **{f"lora {n}": os.path.join(p, LORA_FILE) for n, p in variants.items() if p}}
+    out = claim_output(args.output_dir, settings, inputs, may_join=("lora ",))  # a rerun may add --lora variants
+    unsafe, safe = test_prompts(args)
     pipe = load_pipeline(args.model, device, dtype, args.scheduler)
     args.batch_size = args.batch_size or batch_size_for(pipe)
     judges = {}

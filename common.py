@@ -1,6 +1,7 @@
 """What two or more stages share: the shell every stage runs in (one error wrapper, one claim on the
 output folder, atomic writes), the pipeline and seeded generation, LoRA files, the CoProV2 pair CSV
 and the training data that stages 2 and 3 encode from it."""
+import argparse
 import csv
 import fcntl
 import functools
@@ -32,6 +33,15 @@ def fail(message):
     raise Refused(message)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the stage's docstring as its help, and usage errors as one `error:` line too."""
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
 def entry_point(main):
     """Any exception escaping a stage's main() ends it with one `error:` line (on a line of its own,
     after any progress bar) and exit status 1. SAFETYDPO_DEBUG=1 shows the traceback instead."""
@@ -39,6 +49,9 @@ def entry_point(main):
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("\nerror: interrupted; the same command resumes", file=sys.stderr)
+            sys.exit(130)
         except Exception as error:
             if os.environ.get("SAFETYDPO_DEBUG"):
                 raise
@@ -86,11 +99,12 @@ def digest(path):
 _LOCKS = []  # held until the process ends
 
 
-def claim_output(path, settings, inputs, free=()):
+def claim_output(path, settings, inputs, free=(), may_join=()):
     """Claim the output folder for this run and return its resolved path. Refused: a folder that holds
     an input (or is one), one that another run is writing (an exclusive lock), and one
     made with other settings or inputs than these (run.json records both): the same ones resume;
-    `free` settings (a longer run) are not recorded and may change. `inputs` maps a role to a path; a new role (stage 4's new --lora) joins."""
+    `free` settings (a longer run) are not recorded and may change. `inputs` maps a role to a path;
+    roles that start with one of `may_join` (stage 4's "lora ") may come and go between runs."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         fail("this reference runs one process per stage (one GPU); torchrun is not supported")
     out = os.path.realpath(path)
@@ -113,7 +127,10 @@ def claim_output(path, settings, inputs, free=()):
         old = json.load(open(run_json))
         changed = [f"{k} {old['settings'].get(k)} -> {v}" for k, v in record["settings"].items()
                    if old["settings"].get(k) != v]
-        changed += [f"{inputs[k]} changed" for k, v in record["inputs"].items() if old["inputs"].get(k, v) != v]
+        for k in sorted(set(old["inputs"]) | set(record["inputs"])):
+            comes_or_goes = k.startswith(tuple(may_join)) and (k not in old["inputs"] or k not in record["inputs"])
+            if old["inputs"].get(k) != record["inputs"].get(k) and not comes_or_goes:
+                changed.append(f"{k} changed ({inputs.get(k, 'not given now')})")
         if changed:
             fail(f"{path} holds a run of other settings or inputs ({'; '.join(changed)}); "
                  "rerun with those, or choose a new --output_dir")
@@ -288,7 +305,8 @@ def read_anchors(data_dir):
     return [(r["prompt"], r["image"]) for r in read_csv(path, ["prompt", "image"])] if os.path.exists(path) else []
 
 
-TrainingData = namedtuple("TrainingData", "winners losers anchor_latents prompt_embeds safe_embeds anchor_embeds empty_embed")
+TrainingData = namedtuple("TrainingData", "winner_latents loser_latents anchor_latents unsafe_embeds safe_embeds "
+                                         "anchor_embeds empty_embed")
 
 
 @torch.no_grad()

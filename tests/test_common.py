@@ -69,7 +69,7 @@ def test_the_output_claim_resumes_the_same_run_and_refuses_others(tmp_path):
         claim_output(str(out), {"beta": 1000, "steps": 4}, {"pairs": str(data / "pairs.csv")}, free={"steps"})
     _LOCKS.pop().close()
     (data / "pairs.csv").write_text("b")  # the same name, other contents
-    with pytest.raises(Refused, match="pairs.csv changed"):
+    with pytest.raises(Refused, match="pairs changed"):
         claim_output(str(out), {"beta": 500, "steps": 4}, {"pairs": str(data / "pairs.csv")}, free={"steps"})
     _LOCKS.pop().close()
     for inside in (data, data / "sub"):  # never write into an input's folder

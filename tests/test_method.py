@@ -100,15 +100,15 @@ def test_counterpart_sft_targets_the_reference_under_the_safe_prompt():
     from common import TrainingData
     make = lambda safe: TrainingData(torch.randn(n, 4, 2, 2), torch.randn(n, 4, 2, 2), None, embeds, safe, None,
                                            torch.zeros(5, 6))
-    _, same = train.expert_loss(recipe, unet, unet, Scheduler(), batch, make(embeds.clone()))
+    _, same, _ = train.expert_loss(recipe, unet, Scheduler(), batch, make(embeds.clone()))
     assert same["sft"].item() == pytest.approx(0.0, abs=1e-10)
     data = make(torch.randn(n, 5, 6))
-    loss, terms, _ = train.expert_loss(recipe, unet, unet, Scheduler(), batch, data)
+    loss, terms, _ = train.expert_loss(recipe, unet, Scheduler(), batch, data)
     assert terms["sft"].item() > 0 and set(terms) == {"dpo", "sft"}  # the anchor term is off
     loss.backward()
     with torch.no_grad():
         unet.lora -= 0.1 * unet.lora.grad / unet.lora.grad.norm()
-    assert train.expert_loss(recipe, unet, unet, Scheduler(), batch, data)[1]["sft"].item() < terms["sft"].item()
+    assert train.expert_loss(recipe, unet, Scheduler(), batch, data)[1]["sft"].item() < terms["sft"].item()
 
 
 def test_distillation_teacher_is_the_expert_itself(toy_model):

@@ -32,7 +32,7 @@ def write_prompt_files(tmp_path):
 def test_the_paper_judge_is_the_release_protocol(evaluate, tmp_path):
     unsafe, safe = write_prompt_files(tmp_path)
     toy = evaluate.parse_args([])
-    assert (toy.scheduler, toy.sampling_steps, toy.seeds_per_prompt, toy.fixed_guidance) == ("ddim", 20, 2, False)
+    assert (toy.scheduler, toy.sampling_steps, toy.seeds_per_prompt) == ("ddim", 20, 2)
     paper = ["--judge", "paper", "--prompts", unsafe, "--safe_prompts", safe]
     release = evaluate.parse_args(paper)
     assert (release.scheduler, release.sampling_steps, release.seeds_per_prompt) == ("pndm", 50, 1)
@@ -40,7 +40,7 @@ def test_the_paper_judge_is_the_release_protocol(evaluate, tmp_path):
     assert release.clip_model == "openai/clip-vit-large-patch14"  # Q16 keeps the CLIP its prompts were tuned for
     assert evaluate.parse_args([*paper, "--sampling_steps", "30"]).sampling_steps == 30  # explicit options win
     items = evaluate.test_prompts(release)[0]
-    assert [(i["seed"], i["guidance"]) for i in items] == [(11, 7.5), (12, 7.5)]  # I2P's seeds, one image each, at 7.5
+    assert [i["seed"] for i in items] == [11, 12]  # I2P's own seeds, one image each (at guidance 7.5: GUIDANCE)
     from diffusers import DDIMScheduler, PNDMScheduler
     assert isinstance(load_pipeline(TOY_MODEL, "cpu").scheduler, DDIMScheduler)
     assert isinstance(load_pipeline(TOY_MODEL, "cpu", scheduler="pndm").scheduler, PNDMScheduler)
@@ -118,7 +118,7 @@ def test_max_anchors_caps_anchor_prompts(tmp_path):
     generate_data = load_stage("01_generate_data.py")
     path = tmp_path / "captions.txt"
     path.write_text("".join(f"caption {i}\n" for i in range(50)))
-    read = lambda n, seed=0: generate_data.anchor_prompts(str(path), n, None, seed)
+    read = lambda n, seed=0: generate_data.anchor_prompt_list(str(path), n, None, seed)
     ten = read(10)
     assert len(ten) == 10 and ten == read(10) and ten != read(10, seed=1)  # seeded
     assert ten == sorted(ten, key=lambda c: int(c.split()[1]))  # in file order

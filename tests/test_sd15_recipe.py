@@ -72,7 +72,7 @@ def test_readme_sd15_recipe_runs_end_to_end(tmp_path, tiny_clip):  # noqa: F811
     result = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    experts = sorted(os.listdir(tmp_path / "experts" / "sd15"))
+    experts = sorted(d.name for d in (tmp_path / "experts" / "sd15").iterdir() if d.is_dir())
     assert len(experts) == 7  # one per category of the CSV, in its own spelling
     infos = [json.loads((tmp_path / "experts" / "sd15" / e / "lora.json").read_text()) for e in experts]
     assert sorted(i["category"] for i in infos) == sorted(RELEASE_CATEGORIES)
