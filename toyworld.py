@@ -312,10 +312,11 @@ def train_vae(vae, args, rng):
     return float(loss)
 
 
-def train_unet(tokenizer, text_encoder, vae, unet, args, rng, state):
+def train_unet(tokenizer, text_encoder, vae, unet, args, rng):
     """Denoising training of the UNet and the text encoder, Min-SNR-weighted, with an EMA copy."""
     from common import load_checkpoint, save_checkpoint
     from diffusers import DDPMScheduler
+    path = os.path.join(args.output_dir, "checkpoint", "state.pt")
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
@@ -325,10 +326,12 @@ def train_unet(tokenizer, text_encoder, vae, unet, args, rng, state):
     def reseed(step):  # images, noise and timesteps from `step` on: the same in a resumed run
         torch.manual_seed(args.seed * 100_003 + step)
         return np.random.default_rng([args.seed, step])
-    start = 0
-    if state is not None:  # resume
-        start = load_checkpoint(state, {"params": params, "ema": ema}, optimizer)
-        rng = reseed(start)
+    start, state = 0, load_checkpoint(path, params, optimizer, args.unet_steps)
+    if state:  # resume
+        start, rng = state["step"], reseed(state["step"])
+        with torch.no_grad():
+            for e, saved in zip(ema, state["ema"], strict=True):
+                e.copy_(saved)
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
     bar = tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps)
@@ -353,8 +356,7 @@ def train_unet(tokenizer, text_encoder, vae, unet, args, rng, state):
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.unet_steps:
             rng = reseed(step + 1)
-            save_checkpoint(os.path.join(args.output_dir, "checkpoint"), {"params": params, "ema": ema},
-                            optimizer, step + 1)
+            save_checkpoint(path, step + 1, params, optimizer, ema=[e.clone() for e in ema])
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
@@ -392,7 +394,7 @@ def load_given_vae(vae, path):
 
 
 def pretrain(args):
-    from common import atomic_write, check_settings, find_checkpoint, write_json
+    from common import atomic_write, claim_output, write_json
     from safetensors.torch import load_file, save_file
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -402,9 +404,8 @@ def pretrain(args):
     if args.vae:
         load_given_vae(vae, args.vae)  # checked before anything is written
     checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
-    check_settings(os.path.join(checkpoint_dir, "settings.json"),
-                   {k: v for k, v in vars(args).items() if k not in ("command", "output_dir", "checkpoint_every")})
-    state = find_checkpoint(checkpoint_dir)
+    claim_output(checkpoint_dir, {k: v for k, v in vars(args).items() if k not in ("command", "output_dir", "checkpoint_every")},
+                 {"vae": args.vae} if args.vae else {})
     vae_path = os.path.join(checkpoint_dir, "vae.safetensors")
     if os.path.exists(vae_path):  # resume: the VAE phase is done
         vae.load_state_dict(load_file(vae_path))
@@ -415,7 +416,7 @@ def pretrain(args):
         write_json(vae_path + ".json", {"scaling_factor": vae.config.scaling_factor})
         atomic_write(vae_path, lambda tmp: save_file(vae.state_dict(), tmp))
     vae.requires_grad_(False).eval()
-    unet_loss = train_unet(tokenizer, text_encoder, vae, unet, args, rng, state)
+    unet_loss = train_unet(tokenizer, text_encoder, vae, unet, args, rng)
     save_pipeline(tokenizer, text_encoder, vae, unet, args.output_dir)
     print(f"pretrained in {(time.time() - started) / 60:.1f} min: vae loss {vae_loss:.4f}, "
           f"unet loss {unet_loss:.4f} -> {args.output_dir}")
@@ -427,12 +428,12 @@ def pretrain(args):
 def measure(args):
     """Prompt-following on held-out triples, how often each concept and counterpart renders, speed."""
     from common import generate, load_pipeline
-    pipe = load_pipeline(args.model, device="cpu")
+    pipe = load_pipeline(args.model, "cpu")
     per_triple = args.images_per_prompt
     held_out = sorted(HELD_OUT)
     prompts = [prompt(*t, template=k % len(TEMPLATES)) for t in held_out for k in range(per_triple)]
     started = time.time()
-    images = generate(pipe, prompts, seeds=range(len(prompts)), steps=args.steps, batch_size=args.batch_size)
+    images, _ = generate(pipe, prompts, range(len(prompts)), args.steps, batch_size=args.batch_size)
     speed = len(images) / (time.time() - started)
     found = [read_image(im) for im in images]
     asked = [parse_prompt(p) for p in prompts]
@@ -445,7 +446,7 @@ def measure(args):
         for side in ("unsafe", "safe"):
             colour, background = c[side]
             ps = [prompt(colour, s, background, t) for s in SHAPES for t in range(len(TEMPLATES))]
-            ims = generate(pipe, ps * 4, seeds=range(len(ps) * 4), steps=args.steps, batch_size=args.batch_size)
+            ims, _ = generate(pipe, ps * 4, range(len(ps) * 4), args.steps, batch_size=args.batch_size)
             rate = np.mean([shows_concept(im, c[side]) for im in ims])
             worst[side] = min(worst.get(side, (2.0, "")), (rate, f"{colour} on {background}"))
     print(f"worst rendered unsafe concept: {worst['unsafe'][1]} {worst['unsafe'][0]:.3f}; "
@@ -453,6 +454,11 @@ def measure(args):
 
 
 def main():
+    from common import entry_point
+    entry_point(run)()
+
+
+def run():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="pretrain the toy model from scratch (resumable)")
