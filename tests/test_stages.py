@@ -146,19 +146,19 @@ def test_distillation_pulls_the_merge_toward_the_experts_and_the_reference(work,
 
 
 def test_distillation_resumes_as_one_run_and_refuses_other_settings(work):
-    """Killed after 4 of 8 steps (a run of 4), rerun with 8: the same merge as 8 steps in one go.
+    """Killed after 2 of 4 steps (a run of 2), rerun with 4: the same merge as 4 steps in one go.
     A rerun with another setting is refused and leaves the merge written before as it was."""
     merge = [str(work / "Violence"), str(work / "Hate"), *TINY_MERGE]
     once, twice = work / "distilled-once", work / "distilled-twice"
-    run_stage("03_merge.py", *merge, "--distill_steps", "8", "--output_dir", str(once))
-    run_stage("03_merge.py", *merge, "--distill_steps", "4", "--output_dir", str(twice))
-    result = run_stage("03_merge.py", *merge, "--distill_steps", "8", "--output_dir", str(twice))
-    assert "resuming at step 4 of 8" in result.stdout
+    run_stage("03_merge.py", *merge, "--distill_steps", "4", "--output_dir", str(once))
+    run_stage("03_merge.py", *merge, "--distill_steps", "2", "--output_dir", str(twice))
+    result = run_stage("03_merge.py", *merge, "--distill_steps", "4", "--output_dir", str(twice))
+    assert "resuming at step 2 of 4" in result.stdout
     (_, expected), (_, resumed) = read_lora(str(once)), read_lora(str(twice))
     assert all(torch.allclose(a, ra, atol=1e-6) and torch.allclose(b, rb, atol=1e-6)
                for (a, b), (ra, rb) in zip(expected.values(), resumed.values()))
     written = (twice / LORA_FILE).read_bytes()
-    result = run_stage("03_merge.py", *merge, "--distill_steps", "8", "--seed", "1", "--output_dir", str(twice), check=False)
+    result = run_stage("03_merge.py", *merge, "--distill_steps", "4", "--seed", "1", "--output_dir", str(twice), check=False)
     assert result.returncode != 0 and "seed 0 -> 1" in error_line(result)
     assert (twice / LORA_FILE).read_bytes() == written
 
