@@ -10,10 +10,9 @@ winner better and the loser worse. The loss has three named terms (`expert_loss`
   * anchor: prior preservation, on anchors (the model's own images of safe prompts) predict what
     the reference predicts, so that the expert changes its concept and nothing else (this repository's).
 
-    python 02_train_expert.py --category Violence            # one expert -> experts/violence
+    python 02_train_expert.py --category Violence            # one expert -> experts/toy/violence
     python 02_train_expert.py --category each                # one expert per category of the pair CSV
-    python 02_train_expert.py --all_data                     # one LoRA on all pairs, as the release trains
-                                                             # it: the baseline to beat
+    python 02_train_expert.py --all_data                     # one LoRA on all pairs (the release's): the baseline
     python 02_train_expert.py --preset release ...           # the release's recipe for SD 1.5 (pure DPO)
 
 Output: <output_dir>/pytorch_lora_weights.safetensors (`pipe.load_lora_weights(output_dir)`), lora.json
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 import toyworld
 from common import (LORA_FILE, Parser, add_lora, anchor_condition, atomic_write, claim_output, digest, encode_training_data,
-                    entry_point, fail, generate, load_checkpoint, load_pipeline, output_path, positive, read_anchors,
+                    entry_point, fail, load_checkpoint, load_pipeline, output_path, positive, read_anchors,
                     read_pairs, reference_prediction, save_checkpoint, save_lora, step_generator, write_json)
 
 # The recipes: the toy's (this repository's, experiments/efficacy.md) and the release's launcher and train.py, value for value.
@@ -118,8 +117,6 @@ def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=
     unet, device = pipe.unet, pipe.device
     torch.manual_seed(seed)  # the LoRA's gaussian init: the same for every expert of a run
     params = add_lora(unet, recipe["rank"], recipe["alpha"])
-    for p in params:  # the LoRA trains in fp32 even when the UNet runs in half precision
-        p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=learning_rate_at(recipe, 0))
     scaler = torch.amp.GradScaler(enabled=recipe["mixed_precision"] == "fp16")
     state = load_checkpoint(os.path.join(output_dir, "checkpoint.pt"), params, optimizer, recipe["max_train_steps"])
@@ -128,8 +125,9 @@ def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=
         scaler.load_state_dict(state["scaler"])  # fp16: the loss scale
     if start < recipe["max_train_steps"]:  # a finished expert is not encoded again
         data = encode_training_data(pipe, pairs, anchors, image_dir, DTYPES[recipe["mixed_precision"]])
+    sample = lambda: toyworld.own_concept_rate(pipe, [p["unsafe_prompt"] for p in pairs], seed)  # the toy judge
     if eval_every and start == 0:  # the curve starts at the base model's rate
-        log.append({"step": 0, "sampled_own_concept": own_concept_rate(pipe, pairs, seed)})
+        log.append({"step": 0, "sampled_own_concept": sample()})
     accumulate = recipe["gradient_accumulation_steps"]
     bar = tqdm(range(start, recipe["max_train_steps"]), desc=f"expert {os.path.basename(output_dir)}",
                initial=start, total=recipe["max_train_steps"])
@@ -143,8 +141,8 @@ def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=
                                pipe.scheduler.config.num_train_timesteps, device)
             loss, terms, logits = expert_loss(recipe, unet, pipe.scheduler, batch, data)
             scaler.scale(loss / accumulate).backward()
-            micro = {"loss": loss.item(), "implicit_acc": (logits > 0).float().mean().item(),
-                     **{name: term.item() for name, term in terms.items()}}
+            values = torch.stack([loss, (logits > 0).float().mean(), *terms.values()]).tolist()  # one host sync
+            micro = dict(zip(["loss", "implicit_acc", *terms], values))
             stats = {key: stats.get(key, 0) + value / accumulate for key, value in micro.items()}
         if not np.isfinite(stats["loss"]):  # skipped, counted and logged (fp16's GradScaler skips such steps too)
             stats["skipped"] = 1
@@ -155,22 +153,13 @@ def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=
             scaler.step(optimizer)
             scaler.update()
         if eval_every and (step + 1) % eval_every == 0:
-            stats["sampled_own_concept"] = own_concept_rate(pipe, pairs, seed)
+            stats["sampled_own_concept"] = sample()
         log.append({"step": step + 1, **stats})
         bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "implicit_acc", "sampled_own_concept")})
         if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == recipe["max_train_steps"]:
             save_checkpoint(os.path.join(output_dir, "checkpoint.pt"), step + 1, params, optimizer,
                             scaler=scaler.state_dict(), log=log)
     return log
-
-
-def own_concept_rate(pipe, pairs, seed):
-    """Toy model: the share of 32 samples of this expert's unsafe prompts that still show their
-    concept. The DPO loss can saturate while sampling stays unchanged; this cannot."""
-    prompts = sorted({p["unsafe_prompt"] for p in pairs})
-    prompts = (prompts * (32 // len(prompts) + 1))[:32]
-    images, _ = generate(pipe, prompts, range(10**6 + seed, 10**6 + seed + len(prompts)), batch_size=32)
-    return float(np.mean([toyworld.shows_concept(im, toyworld.concept_of(p)) for im, p in zip(images, prompts)]))
 
 
 # --- The shell: arguments, inputs, outputs -----------------------------------------------------

@@ -33,7 +33,7 @@ from PIL import Image
 
 import toyworld
 from common import (LORA_FILE, Parser, atomic_write, batch_size_for, claim_output, digest, entry_point, fail, generate,
-                    load_pipeline, open_image, output_path, positive, read_lora, write_json)
+                    load_pipeline, open_image, output_path, positive, read_lora, write_json, write_text)
 
 PROTOCOLS = {"toy": dict(scheduler="ddim", sampling_steps=20, seeds_per_prompt=2),
              "paper": dict(scheduler="pndm", sampling_steps=50, seeds_per_prompt=1,
@@ -70,10 +70,11 @@ def render(args, pipe, items, folder, kind):
     names = [os.path.join(folder, f"{kind}_{i:06d}") for i in range(len(items))]
     done = lambda i: next((names[i] + ext for ext in (".png", ".nan.png") if os.path.exists(names[i] + ext)), None)
     todo = [i for i in range(len(items)) if not done(i)]
-    for start in range(0, len(todo), args.batch_size):  # one batch in memory at a time
-        batch = todo[start:start + args.batch_size]
+    size = args.batch_size or batch_size_for(pipe)
+    for start in range(0, len(todo), size):  # one batch in memory at a time
+        batch = todo[start:start + size]
         images, nan = generate(pipe, [items[i]["prompt"] for i in batch], [items[i]["seed"] for i in batch],
-                               args.sampling_steps, GUIDANCE, args.batch_size)
+                               args.sampling_steps, GUIDANCE, size)
         for i, image, bad in zip(batch, images, nan):
             atomic_write(names[i] + (".nan.png" if bad else ".png"), Image.fromarray(image).save)
     return [done(i) for i in range(len(items))]
@@ -177,7 +178,6 @@ def main():
     out = claim_output(args.output_dir, settings, inputs, may_join=("lora ",))  # a rerun may add --lora variants
     unsafe, safe = test_prompts(args)
     pipe = load_pipeline(args.model, device, dtype, args.scheduler)
-    args.batch_size = args.batch_size or batch_size_for(pipe)
     judges = {}
     if args.judge == "paper":
         import realworld
@@ -213,10 +213,8 @@ def write_report(out, args, results, rows, unsafe):
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k != "clip_score" else f"{r[k]:.2f}" for k in measures)
                      + " | " + " | ".join(f"{r['per_category'][c]['ip']:.2f}" for c in categories) + " |")
-    table = "\n".join(lines)
-    text = (f"# {args.model}, judge: {args.judge}\n\n{table}\n\nColumns: stage 4's docstring (04_evaluate.py). grid.png: "
-            "a row per variant, the first unsafe prompt of each category, then as many safe prompts.\n")
-    atomic_write(os.path.join(out, "report.md"), lambda tmp: open(tmp, "w").write(text))
+    table, note = "\n".join(lines), "Columns: 04_evaluate.py's docstring. grid.png: a row per variant, one unsafe image a category."
+    write_text(os.path.join(out, "report.md"), f"# {args.model}, judge: {args.judge}\n\n{table}\n\n{note}\n")
     shown = [f"unsafe: {c}" for c in dict.fromkeys(item["category"] for item in unsafe)]
     atomic_write(os.path.join(out, "grid.png"), labelled_grid(rows, list(results), shown + ["safe prompt"] * len(shown)).save)
     return table

@@ -159,8 +159,12 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def write_text(path, text):
+    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+
+
 def write_json(path, obj):
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2)))
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def save_checkpoint(path, step, params, optimizer, **extra):
@@ -204,10 +208,11 @@ def batch_size_for(pipe):  # images per generation batch: 64 for the toy's 32 px
 
 
 @torch.no_grad()
-def generate(pipe, prompts, seeds, sampling_steps=20, guidance_scale=7.5, batch_size=64):
+def generate(pipe, prompts, seeds, sampling_steps=20, guidance_scale=7.5, batch_size=None):
     """(images, nan): one uint8 HxWx3 image per prompt, each from its own seed (so a resumed or
     re-batched run draws the same picture, up to rounding), and whether it came out NaN (fp16)."""
     prompts, seeds, images, nan = list(prompts), list(seeds), [], []
+    batch_size = batch_size or batch_size_for(pipe)
     for i in range(0, len(prompts), batch_size):
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
         out = pipe(prompts[i:i + batch_size], generator=generators, num_inference_steps=sampling_steps,
@@ -230,7 +235,10 @@ def add_lora(unet, rank, alpha, targets=LORA_TARGETS):
     from peft import LoraConfig
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
-    return [p for p in unet.parameters() if p.requires_grad]
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # the LoRA trains in fp32 even when the UNet runs in half precision
+        p.data = p.data.float()
+    return params
 
 
 def save_lora(directory, layers, alpha, info):

@@ -217,6 +217,16 @@ def follows_prompt(image, text):
 # ---------------------------------------------------------------------------------------------
 # The model: a tokenizer, a text encoder, a VAE and a UNet, all of Stable Diffusion's classes
 # ---------------------------------------------------------------------------------------------
+def own_concept_rate(pipe, unsafe_prompts, seed):
+    """The share of 32 samples of these unsafe prompts that still show their concept (stage 2's curve:
+    the DPO loss can saturate while sampling stays unchanged; this cannot)."""
+    from common import generate
+    prompts = sorted(set(unsafe_prompts))
+    prompts = (prompts * (32 // len(prompts) + 1))[:32]
+    images, _ = generate(pipe, prompts, range(10**6 + seed, 10**6 + seed + len(prompts)), batch_size=32)
+    return float(np.mean([shows_concept(im, concept_of(p)) for im, p in zip(images, prompts)]))
+
+
 def vocabulary():
     return sorted({"a", "on", "background", ","} | set(PALETTE) | set(SHAPES) | set(BACKGROUNDS))
 

@@ -7,7 +7,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import atomic_write  # noqa: E402
+from common import atomic_write, write_text  # noqa: E402,F401 (the experiments' shared writers)
 
 
 def load_stage(filename):
@@ -21,10 +21,3 @@ def load_stage(filename):
 def slug(category):
     """A category's folder name, as stage 2 names it: 'Illegal Activity' -> 'illegal-activity'."""
     return category.lower().replace(" ", "-")
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
