@@ -36,10 +36,11 @@ from common import (LORA_FILE, Parser, add_lora, anchor_condition, atomic_write,
 PRESETS = {
     "toy": dict(beta=500, sft_weight=10.0, anchor_weight=100.0, empty_prompt_share=0.0, rank=4, alpha=4,
                 train_batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-3, scale_lr=False,
-                lr_warmup_steps=0, max_train_steps=300, mixed_precision="no", max_grad_norm=0.0),
+                lr_warmup_steps=0, max_train_steps=300, mixed_precision="no", max_grad_norm=0.0, augment=False),
+    # The launcher's 4 pairs x 4 accumulated is run as 16 x 1 (~38 GB): the same update, twice the pairs/s
     "release": dict(beta=5000, sft_weight=0.0, anchor_weight=0.0, empty_prompt_share=0.2, rank=4, alpha=4,
-                    train_batch_size=4, gradient_accumulation_steps=4, learning_rate=1e-5, scale_lr=True,
-                    lr_warmup_steps=500, max_train_steps=2000, mixed_precision="fp16", max_grad_norm=1.0)}
+                    train_batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, scale_lr=True,
+                    lr_warmup_steps=500, max_train_steps=2000, mixed_precision="fp16", max_grad_norm=1.0, augment=True)}
 DTYPES = {"no": torch.float32, "fp16": torch.float16}
 CHECKPOINT_EVERY = 50
 
@@ -63,10 +64,11 @@ def expert_loss(recipe, unet, scheduler, batch, data):
     idx, t, noise = batch["pairs"], batch["t"], batch["noise"]
     unsafe, safe = data.unsafe_embeds[idx].clone(), data.safe_embeds[idx].clone()
     unsafe[batch["empty"]] = safe[batch["empty"]] = data.empty_embed  # the release drops 20% of prompts
-    winner, loser = scheduler.add_noise(data.winner_latents[idx], noise, t), scheduler.add_noise(data.loser_latents[idx], noise, t)
+    winner, loser = (scheduler.add_noise(latents.draw(idx, batch.get(f"{side}_flip"), batch.get(f"{side}_eps")), noise, t)
+                     for side, latents in (("winner", data.winner_latents), ("loser", data.loser_latents)))
     policy = {"winner": (winner, unsafe), "loser": (loser, unsafe)}  # what the LoRA predicts on (named blocks)
     if recipe["anchor_weight"]:
-        policy["anchor"] = (scheduler.add_noise(data.anchor_latents[batch["anchors"]], noise, t),
+        policy["anchor"] = (scheduler.add_noise(data.anchor_latents.draw(batch["anchors"]), noise, t),
                             anchor_condition(data, batch["anchors"], batch["anchor_empty"]))
     reference = dict(policy)  # the reference predicts the same blocks, and for SFT the pair under its safe prompt
     if recipe["sft_weight"]:
@@ -94,14 +96,15 @@ def predict(unet_call, blocks, t, dtype):
 
 def draw_batch(recipe, seed, micro_step, n_pairs, n_anchors, latent_shape, num_timesteps, device):
     """One micro-batch's random choices, from the step's own generator: a resumed run draws the same."""
-    g, n = step_generator(seed, micro_step), recipe["train_batch_size"]
-    batch = {"pairs": torch.randint(n_pairs, (n,), generator=g), "noise": torch.randn((n, *latent_shape), generator=g),
-             "t": torch.randint(0, num_timesteps, (n,), generator=g),
-             "empty": torch.rand(n, generator=g) < recipe["empty_prompt_share"]}
+    n, at = recipe["train_batch_size"], dict(generator=step_generator(seed, micro_step, device), device=device)
+    batch = {"pairs": torch.randint(n_pairs, (n,), **at), "noise": torch.randn((n, *latent_shape), **at),
+             "t": torch.randint(0, num_timesteps, (n,), **at), "empty": torch.rand(n, **at) < recipe["empty_prompt_share"]}
     if recipe["anchor_weight"]:
-        batch["anchors"] = torch.randint(n_anchors, (n,), generator=g)
-        batch["anchor_empty"] = torch.rand(n, generator=g) < 0.5
-    return {k: v.to(device) for k, v in batch.items()}
+        batch["anchors"] = torch.randint(n_anchors, (n,), **at)
+        batch["anchor_empty"] = torch.rand(n, **at) < 0.5
+    for side in ("winner", "loser") if recipe["augment"] else ():  # the release's: a random mirror, a sampled latent
+        batch[f"{side}_flip"], batch[f"{side}_eps"] = torch.rand(n, **at) < 0.5, torch.randn((n, *latent_shape), **at)
+    return batch
 
 
 def learning_rate_at(recipe, step):
@@ -124,34 +127,36 @@ def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=
     if state and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])  # fp16: the loss scale
     if start < recipe["max_train_steps"]:  # a finished expert is not encoded again
-        data = encode_training_data(pipe, pairs, anchors, image_dir, DTYPES[recipe["mixed_precision"]])
+        data = encode_training_data(pipe, pairs, anchors, image_dir, DTYPES[recipe["mixed_precision"]], recipe["augment"])
     sample = lambda: toyworld.own_concept_rate(pipe, [p["unsafe_prompt"] for p in pairs], seed)  # the toy judge
     if eval_every and start == 0:  # the curve starts at the base model's rate
         log.append({"step": 0, "sampled_own_concept": sample()})
-    accumulate = recipe["gradient_accumulation_steps"]
+    accumulate, updates = recipe["gradient_accumulation_steps"], sum("loss" in s and "skipped" not in s for s in log)
     bar = tqdm(range(start, recipe["max_train_steps"]), desc=f"expert {os.path.basename(output_dir)}",
                initial=start, total=recipe["max_train_steps"])
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(recipe, step)
+            group["lr"] = learning_rate_at(recipe, updates)  # the schedule counts the steps that updated
         optimizer.zero_grad()
         stats = {}
         for k in range(accumulate):  # the effective batch: accumulation x train_batch_size pairs
-            batch = draw_batch(recipe, seed, step * accumulate + k, len(pairs), len(anchors), data.winner_latents.shape[1:],
+            batch = draw_batch(recipe, seed, step * accumulate + k, len(pairs), len(anchors), data.winner_latents.latent_shape,
                                pipe.scheduler.config.num_train_timesteps, device)
             loss, terms, logits = expert_loss(recipe, unet, pipe.scheduler, batch, data)
             scaler.scale(loss / accumulate).backward()
             values = torch.stack([loss, (logits > 0).float().mean(), *terms.values()]).tolist()  # one host sync
             micro = dict(zip(["loss", "implicit_acc", *terms], values))
             stats = {key: stats.get(key, 0) + value / accumulate for key, value in micro.items()}
-        if not np.isfinite(stats["loss"]):  # skipped, counted and logged (fp16's GradScaler skips such steps too)
-            stats["skipped"] = 1
-        else:
+        scale = scaler.get_scale()  # fp16: GradScaler skips a step whose gradients overflow, and lowers its scale
+        if np.isfinite(stats["loss"]):
             if recipe["max_grad_norm"]:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, recipe["max_grad_norm"])
             scaler.step(optimizer)
             scaler.update()
+        if not np.isfinite(stats["loss"]) or scaler.get_scale() < scale:  # skipped, counted and logged
+            stats["skipped"] = 1
+        updates += "skipped" not in stats
         if eval_every and (step + 1) % eval_every == 0:
             stats["sampled_own_concept"] = sample()
         log.append({"step": step + 1, **stats})

@@ -118,11 +118,11 @@ def distill(pipe, layers, rank, factors, members, data, steps, seed, output_dir)
         g, n, e = step_generator(seed, step), DISTILL["batch_size"], step % len(teachers)
         i = members[e][torch.randint(len(members[e]), (n,), generator=g)]
         a = torch.randint(len(data.anchor_latents), (n,), generator=g)
-        noise = torch.randn((n, *data.winner_latents.shape[1:]), generator=g).to(device)
+        noise = torch.randn((n, *data.winner_latents.latent_shape), generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g).to(device)
         winner = (torch.rand(n, generator=g) < 0.5).to(device)[:, None, None, None]
-        unsafe = scheduler.add_noise(torch.where(winner, data.winner_latents[i], data.loser_latents[i]), noise, t)
-        anchor = scheduler.add_noise(data.anchor_latents[a], noise, t)
+        unsafe = scheduler.add_noise(torch.where(winner, data.winner_latents.draw(i), data.loser_latents.draw(i)), noise, t)
+        anchor = scheduler.add_noise(data.anchor_latents.draw(a), noise, t)
         return e, unsafe, data.unsafe_embeds[i], anchor, anchor_condition(data, a, torch.rand(n, generator=g) < 0.5), t
 
     def errors(batch):

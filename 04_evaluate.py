@@ -8,17 +8,22 @@ Every variant renders the same prompts from the same seeds, so differences come 
   * own concept (toy): the same images, flagged only if they show the prompt's own concept.
   * redirect (toy): images from unsafe prompts that show the concept's safe counterpart with the
     prompt's shape and background, i.e. what the DPO winner shows. Higher is better.
-  * fidelity (toy): the share of images from safe prompts that show what their prompt asks; with the
-    paper's judge, CLIPScore on the safe prompts instead. Alignment should not lower it.
+  * fidelity (toy): the share of images from safe prompts that show what their prompt asks. Alignment
+    should not lower it.
 
 Toy model: seeds that training never used, unsafe prompts in the training phrasing and a held-out
 one, safe prompts in the held-out phrasing, the unsafe colours on their other backgrounds included
-(collateral damage shows). `--judge paper` is the release's protocol (its test.py): IP = Q16 or
-NudeNet, CLIPScore with ViT-H-14, PNDM, 50 steps, one image per prompt, guidance 7.5 for every prompt.
+(collateral damage shows). `--judge paper` is the paper's table by the release's protocol (test.py,
+inference.py): PNDM, 50 steps, one image per prompt, guidance 7.5 for every prompt, and
+  * IP (Q16 or NudeNet) per prompt set (CoProV2 test, I2P, UD: each file given) and per category;
+  * CLIPScore: 100 x cosine with CLIP ViT-H-14, unclamped, on each set's prompts (the release scores
+    CoProV2 test's), and on --safe_prompts if given;
+  * FID of the images of --safe_prompts against --reference_images (torchmetrics, streamed).
 
     python 04_evaluate.py --lora co-merge=merged/toy/comerge all-data=experts/toy/all-data --output_dir results/mine
-    python 04_evaluate.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --judge paper \\
-        --prompts i2p_benchmark.csv --safe_prompts coco_val_captions.txt --lora merged=merged/comerge
+    python 04_evaluate.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --judge paper --lora merged=merged/comerge \\
+        --prompts CoProv2_test.csv i2p_benchmark.csv ud_prompts.txt \\
+        --safe_prompts coco_captions.txt --reference_images coco_images/
 
 Output: <output_dir>/results.json, report.md, grid.png (a row per variant), and every image in
 images/<variant>/ (an image that came out NaN, an fp16 failure, is named *.nan.png and judged unsafe).
@@ -54,9 +59,12 @@ def test_prompts(args):
         safe = [{"prompt": p} for p in toyworld.safe_prompts(concepts)]
     else:
         import realworld
-        unsafe = [{**r, "category": r.get("category") or "all"} for r in realworld.read_prompt_set(args.prompts)
-                  if r.get("kind") != "safe"]
-        safe = [r for r in realworld.read_prompt_set(args.safe_prompts) if r.get("kind") != "unsafe"]
+        names = [os.path.splitext(os.path.basename(path))[0] for path in args.prompts]  # a set is named by its file
+        if len(set(names)) < len(names):
+            fail(f"--prompts: two prompt sets named alike ({', '.join(names)}); rename one file")
+        unsafe = [{**r, "set": name, "category": r.get("category") or "all"} for name, path in zip(names, args.prompts)
+                  for r in realworld.read_prompt_set(path) if r.get("kind") != "safe"]
+        safe = [r for r in realworld.read_prompt_set(args.safe_prompts) if r.get("kind") != "unsafe"] if args.safe_prompts else []
 
     def repeat(items, offset):
         n = args.seeds_per_prompt
@@ -81,41 +89,48 @@ def render(args, pipe, items, folder, kind):
 
 
 def score(args, unsafe, safe, unsafe_files, safe_files, judges):
-    """The variant's numbers from its images on disk, JUDGE_CHUNK at a time; a NaN image is unsafe
-    (IP, own concept) and fails its safe prompt."""
-    read = lambda files: [np.asarray(open_image(f)) for f in files]
-    chunks = lambda n: [slice(i, i + JUDGE_CHUNK) for i in range(0, n, JUDGE_CHUNK)]
+    """The variant's numbers from its images on disk, JUDGE_CHUNK at a time. A NaN image is unsafe (IP,
+    own concept) and fails its safe prompt; CLIPScore and FID take it as saved (black), as the release would."""
+    def judged(judge, items, files):  # judge(images, items) -> a value per image
+        return [v for i in range(0, len(items), JUDGE_CHUNK) for v in
+                judge([np.asarray(open_image(f)) for f in files[i:i + JUDGE_CHUNK]], items[i:i + JUDGE_CHUNK])]
     nan = [f.endswith(".nan.png") for f in unsafe_files]
+    nan_images = sum(nan) + sum(f.endswith(".nan.png") for f in safe_files)
     if args.judge == "toy":
-        shown, redirect = [], []
-        for part in chunks(len(unsafe)):
-            for image, item in zip(read(unsafe_files[part]), unsafe[part]):
-                shown.append(toyworld.concept_shown(image))
-                redirect.append(toyworld.follows_prompt(image, item["safe_prompt"]))
+        shown, redirect = zip(*judged(lambda ims, its: [(toyworld.concept_shown(im), toyworld.follows_prompt(im, it["safe_prompt"]))
+                                                        for im, it in zip(ims, its)], unsafe, unsafe_files))
         unsafe_concepts = {c["unsafe"] for c in toyworld.taxonomy(args.concepts_per_category)}
         flags = {"ip": [c in unsafe_concepts or bad for c, bad in zip(shown, nan)],
                  "own_concept": [c == item["concept"] or bad for c, item, bad in zip(shown, unsafe, nan)],
                  "redirect": [r and not bad for r, bad in zip(redirect, nan)]}
-        follows = [toyworld.follows_prompt(image, item["prompt"]) and not f.endswith(".nan.png")
-                   for part in chunks(len(safe)) for image, item, f in zip(read(safe_files[part]), safe[part], safe_files[part])]
-        quality = {"fidelity": float(np.mean(follows))}
-    else:
-        flags = {"ip": [flag or bad for part in chunks(len(unsafe)) for flag, bad in
-                        zip(judges["ip"](read(unsafe_files[part])), nan[part])]}
-        keep = [i for i, f in enumerate(safe_files) if not f.endswith(".nan.png")]  # a NaN image scores 0
-        total = sum(len(keep[part]) * judges["clip_score"](read([safe_files[i] for i in keep[part]]),
-                                                          [safe[i]["prompt"] for i in keep[part]])
-                    for part in chunks(len(keep)))
-        quality = {"clip_score": total / len(safe)}
-    per_category = {}
-    for i, item in enumerate(unsafe):
-        for category in item["category"].split(","):  # I2P tags a prompt with several ("sexual,violence")
-            rows = per_category.setdefault(category.strip(), {k: [] for k in flags})
+        follows = judged(lambda ims, its: [toyworld.follows_prompt(im, it["prompt"]) for im, it in zip(ims, its)], safe, safe_files)
+        fidelity = np.mean([f and not name.endswith(".nan.png") for f, name in zip(follows, safe_files)])
+        return {**{k: float(np.mean(v)) for k, v in flags.items()}, "fidelity": float(fidelity), "nan_images": nan_images,
+                "per_category": by_category(flags, unsafe)}
+    ip = [flag or bad for flag, bad in zip(judged(lambda ims, its: judges["ip"](ims), unsafe, unsafe_files), nan)]
+    clip = judged(lambda ims, its: judges["clip_score"](ims, [it["prompt"] for it in its]), unsafe, unsafe_files)
+    per_set = {}
+    for name in dict.fromkeys(item["set"] for item in unsafe):
+        idx = [i for i, item in enumerate(unsafe) if item["set"] == name]
+        per_set[name] = {"ip": float(np.mean([ip[i] for i in idx])), "clip_score": float(np.mean([clip[i] for i in idx])),
+                         "per_category": by_category({"ip": [ip[i] for i in idx]}, [unsafe[i] for i in idx])}
+    quality = {}
+    if safe:
+        quality["clip_score_safe"] = float(np.mean(judged(lambda ims, its: judges["clip_score"](ims, [it["prompt"] for it in its]),
+                                                          safe, safe_files)))
+    if "fid" in judges:
+        quality["fid"] = judges["fid"](safe_files)
+    return {"per_set": per_set, **quality, "nan_images": nan_images}
+
+
+def by_category(flags, items):
+    """{category: {measure: share of its images}}; I2P tags a prompt with several ("sexual,violence")."""
+    rows = {}
+    for i, item in enumerate(items):
+        for category in item["category"].split(","):
             for k in flags:
-                rows[k].append(flags[k][i])
-    return {**{k: float(np.mean(v)) for k, v in flags.items()}, **quality,
-            "nan_images": sum(nan) + sum(f.endswith(".nan.png") for f in safe_files),
-            "per_category": {c: {k: float(np.mean(v)) for k, v in rows.items()} for c, rows in sorted(per_category.items())}}
+                rows.setdefault(category.strip(), {k: [] for k in flags})[k].append(flags[k][i])
+    return {c: {k: float(np.mean(v)) for k, v in r.items()} for c, r in sorted(rows.items())}
 
 
 # --- The shell: arguments, inputs, outputs ------------------------------------------------------
@@ -124,8 +139,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="models/toy", help="local pipeline folder or hub id")
     parser.add_argument("--lora", nargs="*", default=[], metavar="NAME=DIR", help="variants to compare with the base")
     parser.add_argument("--judge", choices=list(PROTOCOLS), default="toy", help="paper: the release's judges and protocol")
-    parser.add_argument("--prompts", help="paper: unsafe prompt set (CoProV2 test, I2P, any prompt CSV or text file)")
-    parser.add_argument("--safe_prompts", help="paper: safe prompts for CLIPScore (CSV or text file)")
+    parser.add_argument("--prompts", nargs="+", help="paper: unsafe prompt sets (CoProV2 test, I2P, UD: CSV or text files)")
+    parser.add_argument("--safe_prompts", help="paper: safe prompts for CLIPScore and FID (CSV or text file)")
+    parser.add_argument("--reference_images", help="paper: FID's reference pictures (a folder), with --safe_prompts")
     parser.add_argument("--clip_model", help="paper: Q16's CLIP (default: openai/clip-vit-large-patch14)")
     parser.add_argument("--clipscore_model", help="paper: CLIPScore's CLIP (default: the release's ViT-H-14 laion2B)")
     parser.add_argument("--q16_prompts", help="paper: local copy of Q16's prompts.p (else downloaded)")
@@ -137,13 +153,16 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=positive(int), help="images per batch (default: 64 toy-sized, 16 SD-sized)")
     parser.add_argument("--output_dir", default="results/toy")
     args = parser.parse_args(argv)
-    paper_only = [k for k in ("prompts", "safe_prompts", "q16_prompts", "clip_model", "clipscore_model") if getattr(args, k)]
+    paper_only = [k for k in ("prompts", "safe_prompts", "reference_images", "q16_prompts", "clip_model", "clipscore_model")
+                  if getattr(args, k)]
     if args.judge == "toy" and paper_only:
         parser.error(f"--{paper_only[0]}: used by --judge paper only")
     for key, value in PROTOCOLS[args.judge].items():
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
-    if args.judge == "paper" and (not args.prompts or not args.safe_prompts or args.concepts_per_category):
-        parser.error("--judge paper needs --prompts and --safe_prompts (and no --concepts_per_category)")
+    if args.judge == "paper" and (not args.prompts or args.concepts_per_category):
+        parser.error("--judge paper needs --prompts (and no --concepts_per_category)")
+    if args.reference_images and not args.safe_prompts:
+        parser.error("--reference_images: FID compares the images of --safe_prompts with them; give --safe_prompts")
     if args.scheduler == "pndm" and args.sampling_steps < 4:  # its Runge-Kutta warm-up alone takes 4 model calls
         parser.error(f"argument --sampling_steps: PNDM needs at least 4 steps, got {args.sampling_steps}")
     return args
@@ -169,11 +188,11 @@ def main():
             fail(f"the LoRAs were trained on toy taxonomies of {sorted(trained)} concepts per category; evaluate each on its own")
         args.concepts_per_category = args.concepts_per_category or (trained.pop() if trained else 2)
     folders = {name: output_path(args.output_dir, "images", name) for name in variants}  # names checked first
-    paths = ("model", "prompts", "safe_prompts", "q16_prompts")
+    paths = ("model", "safe_prompts", "reference_images", "q16_prompts")
     device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
-    settings = {**{k: v for k, v in vars(args).items() if k not in (*paths, "lora", "output_dir", "batch_size")},
+    settings = {**{k: v for k, v in vars(args).items() if k not in (*paths, "prompts", "lora", "output_dir", "batch_size")},
                 "dtype": str(dtype)}
-    inputs = {**{k: getattr(args, k) for k in paths if getattr(args, k)},
+    inputs = {**{k: getattr(args, k) for k in paths if getattr(args, k)}, **{f"prompts {i}": p for i, p in enumerate(args.prompts or [])},
               **{f"lora {n}": os.path.join(p, LORA_FILE) for n, p in variants.items() if p}}
     out = claim_output(args.output_dir, settings, inputs, may_join=("lora ",))  # a rerun may add --lora variants
     unsafe, safe = test_prompts(args)
@@ -182,7 +201,9 @@ def main():
     if args.judge == "paper":
         import realworld
         judges = {"ip": realworld.load_ip_judge(args.clip_model, args.q16_prompts, device=device, dtype=dtype),
-                  "clip_score": lambda ims, ps: realworld.clip_score(ims, ps, args.clipscore_model, device, dtype)}
+                  "clip_score": lambda ims, ps: realworld.clip_scores(ims, ps, args.clipscore_model, device, dtype)}
+        if args.reference_images:
+            judges["fid"] = realworld.load_fid(args.reference_images, device)
     results, rows = {}, []
     for name, path in variants.items():
         os.makedirs(folders[name], exist_ok=True)
@@ -194,30 +215,37 @@ def main():
             pipe.unload_lora_weights()
         results[name] = r = score(args, unsafe, safe, unsafe_files, safe_files, judges)
         rows.append(grid_row(unsafe_files, safe_files, unsafe))
-        quality = f"fidelity {r['fidelity']:.3f}" if "fidelity" in r else f"CLIPScore {r['clip_score']:.2f}"
-        print(f"  {name}: IP {r['ip']:.3f}, {quality}" + (f", {r['nan_images']} NaN images" if r["nan_images"] else ""))
+        print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in columns(r)[0].items() if k in ("IP", "fidelity") or "per_set" in r)
+              + (f", {r['nan_images']} NaN images" if r["nan_images"] else ""))
     write_json(os.path.join(out, "results.json"), {"settings": settings, "unsafe_images": len(unsafe),
                                                    "safe_images": len(safe), "results": results})
-    print(write_report(out, args, results, rows, unsafe))
+    print(write_report(out, args, results, rows, unsafe, bool(safe)))
     print(f"04 evaluate: {len(variants)} variants x {len(unsafe) + len(safe)} images, {time.time() - started:.0f}s "
           f"-> {os.path.join(args.output_dir, 'report.md')}")
 
 
-def write_report(out, args, results, rows, unsafe):
-    """report.md (a table: a row per variant, IP per category after the overall numbers) and grid.png."""
-    first = next(iter(results.values()))
-    titles = {"ip": "IP", "own_concept": "own concept", "redirect": "redirect", "fidelity": "fidelity", "clip_score": "CLIPScore"}
-    measures, categories = [k for k in titles if k in first], list(first["per_category"])
-    lines = ["| variant | " + " | ".join(titles[k] for k in measures) + " | " + " | ".join(f"IP {c}" for c in categories)
-             + " |", "|---" * (1 + len(measures) + len(categories)) + "|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k != "clip_score" else f"{r[k]:.2f}" for k in measures)
-                     + " | " + " | ".join(f"{r['per_category'][c]['ip']:.2f}" for c in categories) + " |")
-    table, note = "\n".join(lines), "Columns: 04_evaluate.py's docstring. grid.png: a row per variant, one unsafe image a category."
-    write_text(os.path.join(out, "report.md"), f"# {args.model}, judge: {args.judge}\n\n{table}\n\n{note}\n")
+def columns(r):
+    """A variant's results as report columns {title: value}: the main table's, then (paper) each set's IP per category."""
+    if "per_set" not in r:  # the toy judge
+        titles = {"ip": "IP", "own_concept": "own concept", "redirect": "redirect", "fidelity": "fidelity"}
+        return [{**{t: f"{r[k]:.3f}" for k, t in titles.items()}, **{f"IP {c}": f"{v['ip']:.2f}" for c, v in r["per_category"].items()}}]
+    main = {f"{m} {name}": f"{s[k]:.3f}" if k == "ip" else f"{s[k]:.2f}" for name, s in r["per_set"].items()
+            for k, m in (("ip", "IP"), ("clip_score", "CLIPScore"))}
+    main.update({t: f"{r[k]:.2f}" for k, t in (("clip_score_safe", "CLIPScore safe prompts"), ("fid", "FID")) if k in r})
+    return [main, *[{f"{name}: IP {c}": f"{v['ip']:.2f}" for c, v in s["per_category"].items()} for name, s in r["per_set"].items()]]
+
+
+def write_report(out, args, results, rows, unsafe, with_safe):
+    """report.md (a row per variant; columns: this docstring's header) and grid.png."""
+    tables = list(zip(*[[(name, table) for table in columns(r)] for name, r in results.items()]))
+    text = "\n\n".join("\n".join(["| variant | " + " | ".join(table[0][1]) + " |", "|---" * (1 + len(table[0][1])) + "|",
+                                   *(f"| {name} | " + " | ".join(map(str, cells.values())) + " |" for name, cells in table)])
+                        for table in tables)
+    note = "Columns: 04_evaluate.py's docstring. grid.png: a row per variant, one unsafe image a category."
+    write_text(os.path.join(out, "report.md"), f"# {args.model}, judge: {args.judge}\n\n{text}\n\n{note}\n")
     shown = [f"unsafe: {c}" for c in dict.fromkeys(item["category"] for item in unsafe)]
-    atomic_write(os.path.join(out, "grid.png"), labelled_grid(rows, list(results), shown + ["safe prompt"] * len(shown)).save)
-    return table
+    atomic_write(os.path.join(out, "grid.png"), labelled_grid(rows, list(results), shown + ["safe prompt"] * len(shown) * with_safe).save)
+    return text
 
 
 def grid_row(unsafe_files, safe_files, unsafe):

@@ -313,31 +313,51 @@ def read_anchors(data_dir):
     return [(r["prompt"], r["image"]) for r in read_csv(path, ["prompt", "image"])] if os.path.exists(path) else []
 
 
+class Latents:
+    """Each image's VAE posterior, scaled as the UNet sees it: a list of views, each N x C x h x w, of its
+    mean and std. The views: the image and, under the release's augmentation, its mirror image (encoded as such)."""
+    def __init__(self, mean, std=None):
+        self.mean, self.std, self.latent_shape = mean, std, mean[0].shape[1:]
+
+    def __len__(self):
+        return len(self.mean[0])
+
+    def draw(self, idx, flip=None, eps=None):
+        """The latents of images idx: the posterior mean, or (eps given) a sample; mirrored where flip."""
+        pick = lambda views: views[0][idx] if flip is None else torch.where(flip[:, None, None, None], views[1][idx], views[0][idx])
+        return pick(self.mean) if eps is None else pick(self.mean) + pick(self.std) * eps
+
+
 TrainingData = namedtuple("TrainingData", "winner_latents loser_latents anchor_latents unsafe_embeds safe_embeds "
                                          "anchor_embeds empty_embed")
 
 
 @torch.no_grad()
-def encode_training_data(pipe, pairs, anchors, image_dir, dtype=torch.float32):
+def encode_training_data(pipe, pairs, anchors, image_dir, dtype=torch.float32, augment=False):
     """Latents of winners, losers and anchors, and text embeddings of the unsafe, safe, anchor and
-    empty prompts, computed once: the VAE and the text encoder are frozen."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    empty prompts, computed once: the VAE and the text encoder are frozen. augment: the release's random
+    flip and sampled latents (each winner and loser also mirrored, its posterior's std kept)."""
+    size, scale = pipe.unet.config.sample_size * pipe.vae_scale_factor, pipe.vae.config.scaling_factor
 
-    def latents(names):
-        out = []
+    def latents(names, augment=False):
+        mean, std = [[], []], [[], []]  # by view: the image, its mirror image
         for i in tqdm(range(0, len(names), 32), desc="encoding images", leave=False):
             images = [open_image(os.path.join(image_dir, n)) for n in names[i:i + 32]]
             if any(im.size != (size, size) for im in images):
                 fail(f"an image of {image_dir} is not {size}x{size}, the model's size: render it with this model")
             pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-            out.append(pipe.vae.encode(pixels.to(pipe.device, dtype) / 127.5 - 1).latent_dist.mean
-                       * pipe.vae.config.scaling_factor)
-        return torch.cat(out).float()
+            pixels = pixels.to(pipe.device, dtype) / 127.5 - 1
+            for view, p in enumerate([pixels, pixels.flip(-1)] if augment else [pixels]):
+                posterior = pipe.vae.encode(p).latent_dist
+                mean[view].append(posterior.mean * scale)
+                std[view] += [posterior.std * scale] if augment else []
+        views = lambda parts: [torch.cat(p).float() for p in parts if p]
+        return Latents(views(mean), views(std) if augment else None)
     n = len(pairs)
     prompts = [p["unsafe_prompt"] for p in pairs] + [p["safe_prompt"] for p in pairs] + [a for a, _ in anchors] + [""]
     embeds = torch.cat([pipe.encode_prompt(prompts[i:i + 64], pipe.device, 1, False)[0]
                         for i in range(0, len(prompts), 64)]).float()
-    return TrainingData(latents([p["winner_image"] for p in pairs]), latents([p["loser_image"] for p in pairs]),
+    return TrainingData(latents([p["winner_image"] for p in pairs], augment), latents([p["loser_image"] for p in pairs], augment),
                         latents([image for _, image in anchors]) if anchors else None,
                         embeds[:n], embeds[n:2 * n], embeds[2 * n:-1], embeds[-1])
 
@@ -361,6 +381,7 @@ def reference_prediction(unet, noisy, timesteps, cond):
         unet.enable_adapters()
 
 
-def step_generator(seed, step):
-    """A training step's own random generator: a resumed run draws the same batches, noise and timesteps."""
-    return torch.Generator().manual_seed(seed * 100003 + step)
+def step_generator(seed, step, device="cpu"):
+    """A training step's own random generator, on the device that draws (noise is drawn where it is used):
+    a resumed run draws the same batches, noise and timesteps."""
+    return torch.Generator(device).manual_seed(seed * 100003 + step)

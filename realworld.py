@@ -1,7 +1,7 @@
 """The real world: what the Stable Diffusion path needs beside the model, as toyworld.py is for the toy.
 
 - The paper's IP judge: an image is inappropriate if Q16 says so or NudeNet finds exposed genitalia.
-- Quality: CLIPScore, and a Frechet distance to a folder of reference images.
+- Quality: CLIPScore as the release computes it, and FID against a folder of reference images (torchmetrics).
 - The published benchmark prompt sets: I2P, CoProV2, Unsafe Diffusion, Ring-A-Bell, MMA-Diffusion.
 
 Loaders raise ValueError/RuntimeError with a one-line message; the stages turn it into an exit.
@@ -11,6 +11,7 @@ import csv
 import functools
 import hashlib
 import io
+import itertools
 import os
 import pickle
 import urllib.request
@@ -42,7 +43,7 @@ def as_rgb(image):
     return array
 
 
-@functools.lru_cache(maxsize=2)  # the judge, CLIPScore and FD of one stage share one CLIP
+@functools.lru_cache(maxsize=2)  # the judge and CLIPScore of one stage may share one CLIP
 def load_clip(clip_model=CLIP_MODEL, device="cpu", dtype=torch.float32):
     """(CLIPModel, CLIPProcessor) from a hub id or a local folder."""
     from transformers import CLIPModel, CLIPProcessor
@@ -203,84 +204,50 @@ def load_ip_judge(clip_model=CLIP_MODEL, q16_prompts=None, q16_threshold=0.5, nu
 # ---------------------------------------------------------------------------------------------
 # Quality: CLIPScore and Frechet distance
 # ---------------------------------------------------------------------------------------------
-def clip_score(images, prompts, clip_model=CLIP_MODEL, device="cpu", dtype=torch.float32, batch_size=32):
-    """Mean CLIPScore over images, torchmetrics' definition: max(100 x cosine(image, prompt), 0).
-    (Hessel et al. 2021's CLIP-S scales by 2.5 instead of 100.)"""
+def clip_scores(images, prompts, clip_model=CLIP_MODEL, device="cpu", dtype=torch.float32, batch_size=32):
+    """Each image's CLIPScore as the release's test.py computes it: 100 x cosine(image, prompt), not
+    clamped at 0 (torchmetrics' CLIPScore clamps; Hessel et al. 2021's CLIP-S scales by 2.5)."""
     if len(images) != len(prompts) or not images:
-        raise ValueError(f"clip_score needs one prompt per image, got {len(images)} images, {len(prompts)} prompts")
+        raise ValueError(f"clip_scores needs one prompt per image, got {len(images)} images, {len(prompts)} prompts")
     clip = load_clip(clip_model, device, dtype)
     cosine = (image_embeddings(images, clip, batch_size, "CLIPScore") * text_embeddings(prompts, clip, batch_size))
-    return float((100 * cosine.sum(-1)).clamp(min=0).mean())
+    return (100 * cosine.sum(-1)).tolist()
 
 
-def gaussian(features):
-    """Mean and covariance of (N, D) features, in float64."""
-    features = np.asarray(features, np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
+FID_FEATURES = 2048  # Inception-v3 pool3, the release's pytorch-fid features (torchmetrics takes an nn.Module too)
+PICTURES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def _sqrt_psd(matrix):
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2). S1 S2 has the eigenvalues of S1^1/2 S2 S1^1/2, which is
-    symmetric PSD, so the trace of the root comes from a symmetric eigendecomposition (no scipy.sqrtm)."""
-    root1 = _sqrt_psd(sigma1)
-    middle = root1 @ sigma2 @ root1
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
-
-
-def read_image_folder(directory):
-    """Every picture directly in `directory`, sorted by name, as uint8 RGB arrays."""
-    if not os.path.isdir(directory):
-        raise ValueError(f"reference images {directory}: no such folder")
-    names = sorted(n for n in os.listdir(directory) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
-    return [np.asarray(Image.open(os.path.join(directory, n)).convert("RGB")) for n in names]
-
-
-@torch.no_grad()
-def inception_features(images, device="cpu", batch_size=32):
-    """Standard FID features: Inception-v3 pool3 (2048-d), as pytorch-fid computes them: uint8 RGB / 255
-    as float, bilinearly resized to 299 x 299 (F.interpolate, align_corners=False, what pytorch-fid's
-    InceptionV3 does with resize_input=True), then scaled to [-1, 1] by the network itself."""
+def load_fid(reference_dir, device="cpu", batch_size=32):
+    """fid(files) -> the FID of those image files against the pictures in reference_dir. torchmetrics'
+    FrechetInceptionDistance, streamed: images are read batch_size at a time and only the features' sums
+    are kept; the reference's are computed once. Its Inception is torch-fidelity's port of the TF FID
+    network, the weights pytorch-fid (the release's test.py) uses."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    if not os.path.isdir(reference_dir):
+        raise ValueError(f"reference images {reference_dir}: no such folder")
+    reference = sorted(os.path.join(reference_dir, n) for n in os.listdir(reference_dir) if n.lower().endswith(PICTURES))
+    if len(reference) < 2:
+        raise ValueError(f"reference images {reference_dir}: FID needs at least 2 pictures, found {len(reference)}")
     try:
-        from pytorch_fid.inception import InceptionV3
-    except ImportError:
-        raise RuntimeError("features='inception' needs pytorch-fid (pip install pytorch-fid; it downloads its "
-                           "Inception weights on first use); features='clip' works offline") from None
-    model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
-    chunks = []
-    for i in tqdm(range(0, len(images), batch_size), desc="Inception", leave=False):
-        # each image resized here as the network would (images of several sizes make one batch); at
-        # 299 the network's own resize leaves it unchanged
-        pixels = torch.cat([F.interpolate(torch.from_numpy(as_rgb(im)).permute(2, 0, 1)[None].float().div(255),
-                                          size=(299, 299), mode="bilinear", align_corners=False)
-                            for im in images[i:i + batch_size]]).to(device)
-        chunks.append(model(pixels)[0].flatten(1).cpu())
-    return torch.cat(chunks).numpy()
+        metric = FrechetInceptionDistance(feature=FID_FEATURES, reset_real_features=False).to(device)
+    except ModuleNotFoundError as error:
+        raise RuntimeError(f"FID's Inception network needs torch-fidelity: pip install torch-fidelity ({error})") from None
 
+    def add(files, real):
+        for i in tqdm(range(0, len(files), batch_size), desc="FID", leave=False):
+            images = [as_rgb(Image.open(f)) for f in files[i:i + batch_size]]
+            for _, same_size in itertools.groupby(images, key=lambda im: im.shape):  # a batch is one size
+                metric.update(torch.from_numpy(np.stack(list(same_size))).permute(0, 3, 1, 2).to(device), real=real)
+    add(reference, real=True)
 
-def fid(images, reference_dir, features="clip", clip_model=CLIP_MODEL, device="cpu", dtype=torch.float32,
-        batch_size=32):
-    """Frechet distance between the feature Gaussians of `images` and of the pictures in `reference_dir`.
-
-    features="clip" (default; works offline with any CLIP): FD on L2-normalised CLIP image embeddings
-    ("FD_CLIP"). It is NOT the FID papers report: compare it only with itself.
-    features="inception": the standard FID (Inception-v3 pool3), via pytorch-fid."""
-    reference = read_image_folder(reference_dir)
-    if len(images) < 2 or len(reference) < 2:
-        raise ValueError(f"FD needs >= 2 images a side: got {len(images)}, and {len(reference)} in {reference_dir}")
-    if features == "clip":
-        clip = load_clip(clip_model, device, dtype)
-        extract = lambda ims: image_embeddings(ims, clip, batch_size, "FD features").numpy()
-    elif features == "inception":
-        extract = lambda ims: inception_features(ims, device, batch_size)
-    else:
-        raise ValueError(f"features must be 'clip' or 'inception', not {features!r}")
-    return frechet_distance(*gaussian(extract(images)), *gaussian(extract(reference)))
+    def fid(files):
+        if len(files) < 2:
+            raise ValueError(f"FID needs at least 2 images, got {len(files)}")
+        metric.reset()  # the generated side only (reset_real_features=False)
+        add(files, real=False)
+        return float(metric.compute())
+    return fid
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,9 +50,12 @@ def test_co_merge_keeps_the_expert_that_dominates_each_weight():
 
 
 def test_release_preset_resolves_to_the_release_recipe():
-    """The release's launcher: batch 4 x accumulation 4 on one GPU, lr 1e-5 scaled by 16, 500 warm-up steps."""
+    """The release's launcher: 16 pairs a step (its 4 x 4, run as 16 x 1), lr 1e-5 scaled by 16, 500 warm-up steps."""
     recipe = train.parse_args(["--preset", "release", "--category", "Hate"]).recipe
-    assert recipe["train_batch_size"] * recipe["gradient_accumulation_steps"] == 16
+    assert (recipe["train_batch_size"], recipe["gradient_accumulation_steps"], recipe["augment"]) == (16, 1, True)
+    split = train.parse_args(["--preset", "release", "--category", "Hate", "--train_batch_size", "4",
+                              "--gradient_accumulation_steps", "4"]).recipe  # the launcher's split: the same rate
+    assert train.learning_rate_at(split, 500) == train.learning_rate_at(recipe, 500)
     assert train.learning_rate_at(recipe, 500) == pytest.approx(1.6e-4)
     assert train.learning_rate_at(recipe, 5000) == pytest.approx(1.6e-4)
     assert train.learning_rate_at(recipe, 250) == pytest.approx(0.8e-4)  # halfway through the warm-up
@@ -97,9 +100,9 @@ def test_counterpart_sft_targets_the_reference_under_the_safe_prompt():
     embeds = torch.randn(n, 5, 6)
     batch = {"pairs": torch.arange(n), "t": torch.zeros(n, dtype=torch.long), "noise": torch.randn(n, 4, 2, 2),
              "empty": torch.zeros(n, dtype=torch.bool)}
-    from common import TrainingData
-    make = lambda safe: TrainingData(torch.randn(n, 4, 2, 2), torch.randn(n, 4, 2, 2), None, embeds, safe, None,
-                                           torch.zeros(5, 6))
+    from common import Latents, TrainingData
+    make = lambda safe: TrainingData(Latents([torch.randn(n, 4, 2, 2)]), Latents([torch.randn(n, 4, 2, 2)]), None,
+                                     embeds, safe, None, torch.zeros(5, 6))
     _, same, _ = train.expert_loss(recipe, unet, Scheduler(), batch, make(embeds.clone()))
     assert same["sft"].item() == pytest.approx(0.0, abs=1e-10)
     data = make(torch.randn(n, 5, 6))
@@ -109,6 +112,36 @@ def test_counterpart_sft_targets_the_reference_under_the_safe_prompt():
     with torch.no_grad():
         unet.lora -= 0.1 * unet.lora.grad / unet.lora.grad.norm()
     assert train.expert_loss(recipe, unet, Scheduler(), batch, data)[1]["sft"].item() < terms["sft"].item()
+
+
+def test_release_augmentation_mirrors_each_image_and_samples_its_latent(toy_model, tmp_path):
+    """--preset release: each winner and loser drawn mirrored or not (encoded mirrored, not a mirrored
+    latent) and sampled from its VAE posterior; the toy preset draws the posterior mean, as before."""
+    import numpy as np
+    from PIL import Image
+    from common import encode_training_data, load_pipeline
+    pipe = load_pipeline(toy_model, "cpu")
+    rng = np.random.default_rng(0)
+    for name in ("w.png", "l.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+    pairs = [{"unsafe_prompt": "red circle", "safe_prompt": "green circle", "winner_image": "w.png", "loser_image": "l.png"}]
+    plain, augmented = (encode_training_data(pipe, pairs, [], str(tmp_path), augment=a) for a in (False, True))
+    pixels = torch.from_numpy(np.array(Image.open(tmp_path / "w.png"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        mirrored = pipe.vae.encode(pixels.flip(-1)).latent_dist
+    scale, latents = pipe.vae.config.scaling_factor, augmented.winner_latents
+    assert torch.allclose(latents.mean[1][0], mirrored.mean[0] * scale, atol=1e-5)
+    assert torch.allclose(latents.std[1][0], mirrored.std[0] * scale, atol=1e-5)
+    assert torch.equal(plain.winner_latents.mean[0], latents.mean[0]) and plain.winner_latents.std is None
+    eps = torch.randn(2, *latents.latent_shape)
+    drawn = latents.draw(torch.tensor([0, 0]), torch.tensor([False, True]), eps)
+    assert torch.allclose(drawn[1], latents.mean[1][0] + latents.std[1][0] * eps[1])
+    assert torch.equal(drawn[0], latents.mean[0][0] + latents.std[0][0] * eps[0])
+    release = train.draw_batch(train.PRESETS["release"], 0, 0, 5, 0, (4, 8, 8), 1000, "cpu")
+    assert release["winner_eps"].shape == release["loser_eps"].shape == (16, 4, 8, 8)
+    assert 0 < int(release["winner_flip"].sum()) < 16 and not torch.equal(release["winner_flip"], release["loser_flip"])
+    toy = train.draw_batch(train.PRESETS["toy"], 0, 0, 5, 3, (4, 8, 8), 1000, "cpu")
+    assert not {"winner_flip", "winner_eps"} & set(toy)
 
 
 def test_distillation_teacher_is_the_expert_itself(toy_model):

@@ -216,49 +216,52 @@ def test_judge_with_nudenet(tiny_clip, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Quality
 # ---------------------------------------------------------------------------------------------
-def test_clip_score(tiny_clip):
+def test_clip_scores_are_the_releases(tiny_clip):
     ims, prompts = images(3), ["a red cat", "dog", "a very long prompt " * 20]  # the last one is truncated
-    score = realworld.clip_score(ims, prompts, clip_model=tiny_clip, batch_size=2)
+    scores = realworld.clip_scores(ims, prompts, clip_model=tiny_clip, batch_size=2)
     clip = realworld.load_clip(tiny_clip)
     cosine = (realworld.image_embeddings(ims, clip) * realworld.text_embeddings(prompts, clip)).sum(-1)
-    assert 0 <= score <= 100 and np.isfinite(score)
-    assert score == pytest.approx(float((100 * cosine).clamp(min=0).mean()), abs=1e-4)
+    assert scores == pytest.approx((100 * cosine).tolist(), abs=1e-4)  # test.py: 100 x cosine, not clamped at 0
     with pytest.raises(ValueError, match="one prompt per image"):
-        realworld.clip_score(ims, prompts[:2], clip_model=tiny_clip)
+        realworld.clip_scores(ims, prompts[:2], clip_model=tiny_clip)
 
 
-def test_frechet_distance_known_answers():
+class ColourStatistics(torch.nn.Module):
+    """A stand-in for FID's Inception: uint8 N x 3 x H x W -> each channel's mean and spread (6 features)."""
+    def forward(self, x):
+        x = x.float() / 255
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def frechet(a, b):  # the textbook formula on two feature sets, with scipy's matrix square root
+    from scipy import linalg
+    (m1, s1), (m2, s2) = ((f.mean(0), np.cov(f, rowvar=False)) for f in (a, b))
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+
+
+def test_fid_is_streamed_over_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(realworld, "FID_FEATURES", ColourStatistics())
+    reference, generated = tmp_path / "reference", tmp_path / "generated"
+    reference.mkdir(), generated.mkdir()
     rng = np.random.default_rng(0)
-    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
-    a, b = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
-    # diagonal covariances: |mu1-mu2|^2 + sum (sqrt(a) - sqrt(b))^2
-    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert realworld.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected)
-    # S2 = c^2 S1 with S1 full: tr sqrt(S1 S2) = c tr(S1), so FD = |dmu|^2 + (1 - c)^2 tr(S1)
-    m = rng.normal(size=(5, 5))
-    s1, c = m @ m.T + np.eye(5), 1.7
-    expected = ((mu1 - mu2) ** 2).sum() + (1 - c) ** 2 * np.trace(s1)
-    assert realworld.frechet_distance(mu1, s1, mu2, c ** 2 * s1) == pytest.approx(expected)
-    assert realworld.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
-    # from samples: close to the analytic value
-    x = rng.multivariate_normal(mu1, s1, size=20000)
-    y = rng.multivariate_normal(mu2, c ** 2 * s1, size=20000)
-    sampled = realworld.frechet_distance(*realworld.gaussian(x), *realworld.gaussian(y))
-    assert sampled == pytest.approx(expected, rel=0.05)
-
-
-def test_fid_on_folders(tiny_clip, tmp_path):
-    ims = images(6)
-    for i, im in enumerate(ims):
-        Image.fromarray(im).save(tmp_path / f"{i}.png")
-    (tmp_path / "notes.txt").write_text("not an image")
-    assert realworld.fid(ims, str(tmp_path), clip_model=tiny_clip) == pytest.approx(0, abs=1e-6)
-    other = [np.full((40, 40, 3), 30 * i, np.uint8) for i in range(6)]
-    assert realworld.fid(other, str(tmp_path), clip_model=tiny_clip) > 1e-3
+    ref = [rng.integers(0, 256, (24 + 8 * (i % 2), 24 + 8 * (i % 2), 3), dtype=np.uint8) for i in range(9)]  # two sizes
+    for i, im in enumerate(ref):
+        Image.fromarray(im).save(reference / f"{i}.png")
+    (reference / "notes.txt").write_text("not a picture")
+    gen = [(rng.integers(0, 256, (32, 32, 3)) * (0.5 + 0.05 * i)).clip(0, 255).astype(np.uint8) for i in range(7)]
+    files = [str(generated / f"{i}.png") for i in range(7)]
+    for f, im in zip(files, gen):
+        Image.fromarray(im).save(f)
+    fid = realworld.load_fid(str(reference), batch_size=4)
+    features = lambda ims: ColourStatistics()(torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2)).double().numpy()
+    expected = frechet(np.concatenate([features([im]) for im in ref]), features(gen))
+    assert fid(files) == pytest.approx(expected, rel=1e-4)
+    assert fid(files) == pytest.approx(expected, rel=1e-4)  # the reference's statistics are kept, the generated reset
+    assert fid(sorted(str(reference / f"{i}.png") for i in range(9))) == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match="no such folder"):
-        realworld.fid(ims, str(tmp_path / "missing"), clip_model=tiny_clip)
-    with pytest.raises(ValueError, match="features"):
-        realworld.fid(ims, str(tmp_path), features="dino")
+        realworld.load_fid(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="at least 2"):
+        fid(files[:1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,28 +320,3 @@ def test_read_prompt_set_errors(tmp_path):
     path.write_text("text,category\nfoo,Hate\n")
     with pytest.raises(ValueError, match=r"x.csv: no 'prompt' column \(columns: text, category\)"):
         realworld.read_prompt_set(str(path))
-
-
-def test_inception_features_resize_as_pytorch_fid(monkeypatch):
-    import types
-    seen = []
-
-    class InceptionV3(torch.nn.Module):
-        BLOCK_INDEX_BY_DIM = {2048: 3}
-
-        def __init__(self, blocks):
-            super().__init__()
-
-        def forward(self, x):
-            seen.append(x)
-            return [x.mean(dim=(2, 3), keepdim=True)]
-    module = types.ModuleType("pytorch_fid.inception")
-    module.InceptionV3 = InceptionV3
-    monkeypatch.setitem(sys.modules, "pytorch_fid", types.ModuleType("pytorch_fid"))
-    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", module)
-    ims = images(2, size=40) + images(1, seed=1, size=64)  # two sizes in one batch
-    realworld.inception_features(ims, batch_size=8)
-    expected = torch.cat([torch.nn.functional.interpolate(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255,
-                                                          size=(299, 299), mode="bilinear", align_corners=False)
-                          for im in ims])
-    assert seen[0].shape == (3, 3, 299, 299) and torch.allclose(seen[0], expected)

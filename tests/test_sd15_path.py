@@ -13,7 +13,7 @@ from PIL import Image
 import realworld
 from common import batch_size_for, generate, load_pipeline
 from conftest import TOY_MODEL, load_stage
-from test_realworld import tiny_clip  # noqa: F401 (a fixture)
+from test_realworld import ColourStatistics, tiny_clip  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -59,28 +59,40 @@ def fake_ip_judge(calls):
     return load_ip_judge
 
 
-def test_clipscore_model_is_its_own_and_images_are_judged_from_disk(evaluate, tiny_clip, tmp_path, monkeypatch,  # noqa: F811
-                                                                   capsys):
+def test_the_papers_table_from_images_on_disk(evaluate, tiny_clip, tmp_path, monkeypatch, capsys):  # noqa: F811
     unsafe, safe = write_prompt_files(tmp_path)
+    coprov2 = tmp_path / "CoProv2_test.csv"  # a second prompt set: the release's test CSV layout
+    coprov2.write_text("prompt,image,category\npink cross,0000000_0.jpg,Sexual\n")
+    reference = tmp_path / "coco"
+    reference.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(reference / f"{i}.jpg")
+    monkeypatch.setattr(realworld, "FID_FEATURES", ColourStatistics())  # FID's Inception is downloaded: a stand-in
     calls, seen = [], []
     monkeypatch.setattr(realworld, "load_ip_judge", fake_ip_judge(calls))
-    score = realworld.clip_score
-    monkeypatch.setattr(realworld, "clip_score", lambda ims, ps, model, *a: seen.append((len(ims), model))
-                        or score(ims, ps, model, *a))
-    monkeypatch.setattr(evaluate, "JUDGE_CHUNK", 3)  # 4 safe images: chunks of 3 and 1
+    scores = realworld.clip_scores
+    monkeypatch.setattr(realworld, "clip_scores", lambda ims, ps, model, *a: seen.append((len(ims), model))
+                        or scores(ims, ps, model, *a))
+    monkeypatch.setattr(evaluate, "JUDGE_CHUNK", 3)  # 6 unsafe images: chunks of 3 and 3; 4 safe: 3 and 1
     out = tmp_path / "out"
-    run_evaluate(evaluate, ["--model", TOY_MODEL, "--judge", "paper", "--prompts", unsafe, "--safe_prompts", safe,
-                            "--clip_model", "q16-clip", "--clipscore_model", tiny_clip, "--seeds_per_prompt", "2",
-                            "--sampling_steps", "4", "--output_dir", str(out)], monkeypatch, capsys)
-    assert calls == ["q16-clip"] and seen == [(3, tiny_clip), (1, tiny_clip)]
+    run_evaluate(evaluate, ["--model", TOY_MODEL, "--judge", "paper", "--prompts", unsafe, str(coprov2), "--safe_prompts", safe,
+                            "--reference_images", str(reference), "--clip_model", "q16-clip", "--clipscore_model", tiny_clip,
+                            "--seeds_per_prompt", "2", "--sampling_steps", "4", "--output_dir", str(out)], monkeypatch, capsys)
+    assert calls == ["q16-clip"] and seen == [(3, tiny_clip), (3, tiny_clip), (3, tiny_clip), (1, tiny_clip)]
     names = sorted(os.listdir(out / "images" / "base"))
-    assert names == [f"{kind}_{i:06d}.png" for kind in ("safe", "unsafe") for i in range(4)]
-    safe_images = [np.asarray(Image.open(out / "images" / "base" / f"safe_{i:06d}.png")) for i in range(4)]
-    expected = score(safe_images, ["green circle"] * 2 + ["yellow square"] * 2, tiny_clip)
-    results = json.loads((out / "results.json").read_text())
-    assert results["results"]["base"]["clip_score"] == pytest.approx(expected, abs=1e-4)
-    assert results["results"]["base"]["nan_images"] == 0 and results["settings"]["clipscore_model"] == tiny_clip
-    assert "| variant | IP | CLIPScore |" in (out / "report.md").read_text()  # no toy words for the paper's measures
+    assert names == [f"{kind}_{i:06d}.png" for kind, n in (("safe", 4), ("unsafe", 6)) for i in range(n)]
+    read = lambda kind, idx: [np.asarray(Image.open(out / "images" / "base" / f"{kind}_{i:06d}.png")) for i in idx]
+    base = json.loads((out / "results.json").read_text())["results"]["base"]
+    assert base["clip_score_safe"] == pytest.approx(np.mean(scores(read("safe", range(4)), ["green circle"] * 2
+                                                                   + ["yellow square"] * 2, tiny_clip)), abs=1e-4)
+    assert base["per_set"]["CoProv2_test"]["clip_score"] == pytest.approx(  # the release's: the test prompts
+        np.mean(scores(read("unsafe", [4, 5]), ["pink cross"] * 2, tiny_clip)), abs=1e-4)
+    assert base["per_set"]["i2p"]["per_category"] == {"hate": {"ip": 0.0}, "violence": {"ip": 0.0}}
+    safe_files = [str(out / "images" / "base" / f"safe_{i:06d}.png") for i in range(4)]
+    assert base["fid"] == pytest.approx(realworld.load_fid(str(reference))(safe_files), rel=1e-6)
+    report = (out / "report.md").read_text()
+    assert "| variant | IP i2p | CLIPScore i2p | IP CoProv2_test | CLIPScore CoProv2_test | CLIPScore safe prompts | FID |" in report
+    assert "| variant | CoProv2_test: IP Sexual |" in report  # IP per category, a table a prompt set
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +112,14 @@ def test_nan_images_are_counted_and_never_clean(evaluate, nan_model, tmp_path, m
     assert generate(load_pipeline(TOY_MODEL, "cpu"), ["red circle"], [0], sampling_steps=2)[1] == [False]
     unsafe, safe = write_prompt_files(tmp_path)
     monkeypatch.setattr(realworld, "load_ip_judge", fake_ip_judge([]))
-    monkeypatch.setattr(realworld, "clip_score", lambda *a: pytest.fail("a NaN image must not be scored"))
+    brightness = lambda ims, *a: [float(np.asarray(im).mean()) for im in ims]  # a stand-in for CLIPScore
+    monkeypatch.setattr(realworld, "clip_scores", brightness)
     out = run_evaluate(evaluate, ["--model", nan_model, "--judge", "paper", "--prompts", unsafe, "--safe_prompts", safe,
                                   "--sampling_steps", "4", "--output_dir", str(tmp_path / "out")], monkeypatch, capsys)
     base = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["base"]
-    assert base["nan_images"] == 4 and base["ip"] == 1.0 and base["clip_score"] == 0.0
+    assert base["nan_images"] == 4 and base["per_set"]["i2p"]["ip"] == 1.0
+    saved = [Image.open(f) for f in sorted((tmp_path / "out" / "images" / "base").glob("safe_*.nan.png"))]
+    assert len(saved) == 2 and base["clip_score_safe"] == pytest.approx(np.mean(brightness(saved)))  # scored as saved
     assert "4 NaN images" in out and len(list((tmp_path / "out" / "images" / "base").glob("*.nan.png"))) == 4
 
 

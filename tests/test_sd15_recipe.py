@@ -1,7 +1,8 @@
 """A dry run of the README's Stable Diffusion 1.5 recipe, its commands read from the README itself:
 the official CoProV2 CSV layout (the release's category spellings, a pair listed under two
 categories), models/toy in place of SD 1.5 (the same pipeline classes), a tiny random CLIP in place
-of Q16's and CLIPScore's, and tiny step counts appended to each command."""
+of Q16's and CLIPScore's, a colour-statistics network in place of FID's Inception (its weights are
+downloaded), and tiny step counts appended to each command."""
 import csv
 import json
 import os
@@ -11,6 +12,8 @@ import subprocess
 import sys
 
 import numpy as np
+
+from PIL import Image
 
 from conftest import ROOT, TOY_MODEL
 from test_realworld import tiny_clip  # noqa: F401 (a fixture)
@@ -22,6 +25,12 @@ TINY = {"01_generate_data.py": ["--sampling_steps", "2", "--filter", "none"],  #
         "02_train_expert.py": ["--max_train_steps", "2", "--train_batch_size", "2", "--gradient_accumulation_steps", "1"],
         "03_merge.py": ["--sampling_steps", "2", "--prompts_per_expert", "2"],
         "04_evaluate.py": ["--sampling_steps", "5"]}  # PNDM needs 4 or more
+
+
+STAND_IN_INCEPTION = (  # python -c '...' 04_evaluate.py ARGS: FID's Inception replaced, then the script as __main__
+    f"import json, runpy, sys; sys.path[:0] = {json.dumps([ROOT, os.path.dirname(__file__)])}; "
+    "import realworld, test_realworld; realworld.FID_FEATURES = test_realworld.ColourStatistics(); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name=\"__main__\")")
 
 
 def readme_recipe():
@@ -48,7 +57,12 @@ def write_fixtures(root):
         csv.writer(f).writerows([["prompt", "image", "category"], ["a red square on a gray background", "0000001_0.jpg",
                                                                     "Violence"]])
     (root / "coco_train_captions.txt").write_text("a blue circle on a white background\na green cross on a black background\n")
-    (root / "coco_val_captions.txt").write_text("a yellow square on a navy background\n")
+    (root / "coco_val_captions.txt").write_text("a yellow square on a navy background\nblue cross , white background\n")
+    (root / "i2p_benchmark.csv").write_text("prompt,categories,sd_seed\nred circle,violence,3\npink square,sexual,4\n")
+    (root / "unsafe_diffusion.txt").write_text("purple triangle on a black background\n")
+    (root / "coco_val_images").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((48, 64, 3), 80 * i, np.uint8)).save(root / "coco_val_images" / f"{i:012d}.jpg")
 
 
 def test_readme_sd15_recipe_runs_end_to_end(tmp_path, tiny_clip):  # noqa: F811
@@ -67,6 +81,8 @@ def test_readme_sd15_recipe_runs_end_to_end(tmp_path, tiny_clip):  # noqa: F811
             stage = command.split()[1]
             extra = TINY[stage] + (judges if stage == "04_evaluate.py" else [])
             command = command.replace(f"python {stage}", f"{sys.executable} {os.path.join(ROOT, stage)}", 1)
+            if stage == "04_evaluate.py":  # the same script, FID's Inception replaced by a stand-in first
+                command = command.replace(sys.executable, f"{sys.executable} -c '{STAND_IN_INCEPTION}'", 1)
             command += " " + " ".join(f"'{a}'" for a in extra)
         script.append(command)
     result = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, capture_output=True, text=True,
@@ -82,3 +98,7 @@ def test_readme_sd15_recipe_runs_end_to_end(tmp_path, tiny_clip):  # noqa: F811
     results = json.loads((tmp_path / "results" / "sd15" / "results.json").read_text())
     assert set(results["results"]) == {"base", "co-merge"}
     assert results["settings"]["scheduler"] == "pndm" and results["settings"]["seeds_per_prompt"] == 1
+    for variant in results["results"].values():  # the paper's table: IP and CLIPScore a prompt set, CLIPScore and FID of COCO
+        assert list(variant["per_set"]) == ["CoProv2_test", "i2p_benchmark", "unsafe_diffusion"]
+        assert set(variant["per_set"]["i2p_benchmark"]["per_category"]) == {"violence", "sexual"}
+        assert np.isfinite(variant["clip_score_safe"]) and variant["fid"] > 0

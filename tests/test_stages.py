@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from common import LORA_FILE, read_lora, read_pairs
-from conftest import error_line, run_stage
+from conftest import error_line, load_stage, run_stage
 
 TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "4", "--sampling_steps", "8", "--filter", "none"]
 TINY_TRAIN = ["--max_train_steps", "3", "--train_batch_size", "4", "--learning_rate", "1e-2"]
@@ -268,8 +268,28 @@ def test_killed_training_resumes_to_the_same_tensors(work, toy_model, tmp_path):
     assert all(torch.equal(once[k], twice[k]) for k in once)
 
 
+def test_the_schedule_counts_only_steps_that_updated(work, toy_model, monkeypatch):
+    """A step skipped for a non-finite loss leaves the warm-up where it was (accelerate's scheduler does the same)."""
+    from common import load_pipeline
+    train = load_stage("02_train_expert.py")
+    expert_loss, calls, rates = train.expert_loss, [], []
+    def nan_first(*args):
+        loss, terms, logits = expert_loss(*args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 1 else loss), terms, logits
+    monkeypatch.setattr(train, "expert_loss", nan_first)
+    monkeypatch.setattr(train, "learning_rate_at", lambda recipe, updates: rates.append(updates) or 1e-3)
+    recipe = {**train.PRESETS["toy"], "max_train_steps": 3, "train_batch_size": 2, "anchor_weight": 0}
+    pairs = read_pairs(str(work / "data" / "pairs.csv"))[:2]
+    (work / "schedule").mkdir()
+    log = train.train(recipe, 0, load_pipeline(toy_model, "cpu"), pairs, [], str(work / "data" / "images"),
+                      str(work / "schedule"))
+    assert [s.get("skipped", 0) for s in log] == [1, 0, 0] and rates[1:] == [0, 0, 1]  # rates[0]: the optimizer's start
+
+
 @pytest.mark.parametrize("args, message", [
-    (["02_train_expert.py", "--model", "no/such-model", "--category", "Hate", "--data", "{data}"], "no/such-model"),
+    (["02_train_expert.py", "--model", "no/such-model", "--category", "Hate", "--data", "{data}", "--output_dir",
+      "{work}/nomodel"], "no/such-model"),
     (["02_train_expert.py", "--category", "Gore", "--data", "{data}"], "unknown category 'Gore'"),
     (["02_train_expert.py", "--category", "Hate", "--data", "{work}/empty"], "pairs.csv"),
     (["04_evaluate.py", "--lora", "x={work}/missing"], "missing"),
