@@ -19,15 +19,12 @@ import csv
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from common import (Parser, atomic_write, batch_size_for, claim_output, entry_point, fail, generate, load_pipeline, open_image,
-                    positive, read_pairs)
+from common import Parser, atomic_write, claim_output, entry_point, fail, load_pipeline, open_image, positive, read_pairs, render_missing
 
 
 # --- The method: pairs of prompts, rendered from one seed, filtered by a judge ------------------
@@ -58,25 +55,6 @@ def keep_pair(image_dir, index, pair):
     loser, winner = (open_image(os.path.join(image_dir, name)) for name in image_names(index))
     return (toyworld.shows_concept(loser, toyworld.concept_of(pair["unsafe_prompt"]))
             and toyworld.shows_concept(winner, toyworld.concept_of(pair["safe_prompt"])))
-
-
-def render_missing(pipe, jobs, image_dir, sampling_steps):
-    """Render every (file name, prompt, seed) not on disk yet; a background thread writes each batch's PNGs
-    while the next batch renders."""
-    todo = [job for job in jobs if not os.path.exists(os.path.join(image_dir, job[0]))]
-    batch_size = batch_size_for(pipe)
-    with ThreadPoolExecutor(1) as writer:
-        written = []
-        for i in tqdm(range(0, len(todo), batch_size), desc="rendering"):
-            batch = todo[i:i + batch_size]
-            images, nan = generate(pipe, [j[1] for j in batch], [j[2] for j in batch], sampling_steps, batch_size=len(batch))
-            for (name, _, _), image in zip(batch, images):
-                written.append(writer.submit(atomic_write, os.path.join(image_dir, name), Image.fromarray(image).save))
-            if any(nan):  # saved black; the toy filter drops them, look at them elsewhere
-                print(f"warning: {sum(nan)} images came out NaN (an fp16 failure)")
-        for future in written:
-            future.result()  # a failed write ends the stage here
-    return len(todo)
 
 
 def image_names(index):
@@ -131,7 +109,7 @@ def main():
             for job in zip(image_names(i), (p["unsafe_prompt"], p["safe_prompt"]), [args.seed + i] * 2)]
     jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
     pipe = load_pipeline(args.model, device, torch.float16 if device.startswith("cuda") else torch.float32)
-    rendered = render_missing(pipe, jobs, image_dir, args.sampling_steps)
+    rendered = render_missing(pipe, [(os.path.join(image_dir, name), p, seed) for name, p, seed in jobs], args.sampling_steps)
     kept = [i for i, p in enumerate(tqdm(pairs, desc=f"filter ({pair_filter})"))
             if pair_filter == "none" or keep_pair(image_dir, i, p)]
     if not kept:  # nothing to train on; an earlier pairs.csv stays as it was

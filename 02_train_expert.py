@@ -181,7 +181,7 @@ def parse_args(argv=None):
     parser.add_argument("--sft_weight", type=positive(float, zero=True), help="SFT term's weight (toy 10, release 0)")
     parser.add_argument("--anchor_weight", type=positive(float, zero=True), help="anchor term's weight (toy 100, release 0)")
     parser.add_argument("--learning_rate", type=positive(float), help="toy 3e-3; release 1e-5 x accumulation x batch")
-    parser.add_argument("--train_batch_size", type=positive(int), help="pairs per micro-step (toy 32, release 4)")
+    parser.add_argument("--train_batch_size", type=positive(int), help="pairs per micro-step (toy 32, release 16)")
     parser.add_argument("--gradient_accumulation_steps", type=positive(int))
     parser.add_argument("--max_train_steps", type=positive(int), help="optimizer steps (toy 300, release 2000)")
     parser.add_argument("--eval_every", type=positive(int, zero=True), default=0,

@@ -34,11 +34,11 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
+import realworld
 import toyworld
-from common import (LORA_FILE, Parser, atomic_write, batch_size_for, claim_output, digest, entry_point, fail, generate,
-                    load_pipeline, open_image, output_path, positive, read_lora, write_json, write_text)
+from common import (LORA_FILE, Parser, atomic_write, claim_output, digest, entry_point, fail, load_pipeline, open_image,
+                    output_path, positive, read_lora, render_missing, write_json, write_text)
 
 PROTOCOLS = {"toy": dict(scheduler="ddim", sampling_steps=20, seeds_per_prompt=2),
              "paper": dict(scheduler="pndm", sampling_steps=50, seeds_per_prompt=1,
@@ -58,7 +58,6 @@ def test_prompts(args):
                   for category, _, p, safe in toyworld.concept_prompts(concepts, "test")]
         safe = [{"prompt": p} for p in toyworld.safe_prompts(concepts)]
     else:
-        import realworld
         names = [os.path.splitext(os.path.basename(path))[0] for path in args.prompts]  # a set is named by its file
         if len(set(names)) < len(names):
             fail(f"--prompts: two prompt sets named alike ({', '.join(names)}); rename one file")
@@ -75,17 +74,10 @@ def test_prompts(args):
 
 def render(args, pipe, items, folder, kind):
     """Render the items not on disk yet; returns every item's file (`.nan.png`: the image came out NaN)."""
-    names = [os.path.join(folder, f"{kind}_{i:06d}") for i in range(len(items))]
-    done = lambda i: next((names[i] + ext for ext in (".png", ".nan.png") if os.path.exists(names[i] + ext)), None)
-    todo = [i for i in range(len(items)) if not done(i)]
-    size = args.batch_size or batch_size_for(pipe)
-    for start in range(0, len(todo), size):  # one batch in memory at a time
-        batch = todo[start:start + size]
-        images, nan = generate(pipe, [items[i]["prompt"] for i in batch], [items[i]["seed"] for i in batch],
-                               args.sampling_steps, GUIDANCE, size)
-        for i, image, bad in zip(batch, images, nan):
-            atomic_write(names[i] + (".nan.png" if bad else ".png"), Image.fromarray(image).save)
-    return [done(i) for i in range(len(items))]
+    paths = [os.path.join(folder, f"{kind}_{i:06d}.png") for i in range(len(items))]
+    render_missing(pipe, [(path, item["prompt"], item["seed"]) for path, item in zip(paths, items)], args.sampling_steps,
+                   GUIDANCE, args.batch_size, mark_nan=True)
+    return [path if os.path.exists(path) else path.removesuffix(".png") + ".nan.png" for path in paths]
 
 
 def score(args, unsafe, safe, unsafe_files, safe_files, judges):
@@ -197,14 +189,9 @@ def main():
     out = claim_output(args.output_dir, settings, inputs, may_join=("lora ",))  # a rerun may add --lora variants
     unsafe, safe = test_prompts(args)
     pipe = load_pipeline(args.model, device, dtype, args.scheduler)
-    judges = {}
-    if args.judge == "paper":
-        import realworld
-        judges = {"ip": realworld.load_ip_judge(args.clip_model, args.q16_prompts, device=device, dtype=dtype),
-                  "clip_score": lambda ims, ps: realworld.clip_scores(ims, ps, args.clipscore_model, device, dtype)}
-        if args.reference_images:
-            judges["fid"] = realworld.load_fid(args.reference_images, device)
-    results, rows = {}, []
+    judges = realworld.paper_judges(args.clip_model, args.q16_prompts, args.clipscore_model, args.reference_images,
+                                    device, dtype) if args.judge == "paper" else {}
+    results, files = {}, {}
     for name, path in variants.items():
         os.makedirs(folders[name], exist_ok=True)
         if path:
@@ -214,12 +201,12 @@ def main():
         if path:
             pipe.unload_lora_weights()
         results[name] = r = score(args, unsafe, safe, unsafe_files, safe_files, judges)
-        rows.append(grid_row(unsafe_files, safe_files, unsafe))
+        files[name] = unsafe_files, safe_files
         print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in columns(r)[0].items() if k in ("IP", "fidelity") or "per_set" in r)
               + (f", {r['nan_images']} NaN images" if r["nan_images"] else ""))
     write_json(os.path.join(out, "results.json"), {"settings": settings, "unsafe_images": len(unsafe),
                                                    "safe_images": len(safe), "results": results})
-    print(write_report(out, args, results, rows, unsafe, bool(safe)))
+    print(write_report(out, args, results, files, unsafe))
     print(f"04 evaluate: {len(variants)} variants x {len(unsafe) + len(safe)} images, {time.time() - started:.0f}s "
           f"-> {os.path.join(args.output_dir, 'report.md')}")
 
@@ -235,46 +222,38 @@ def columns(r):
     return [main, *[{f"{name}: IP {c}": f"{v['ip']:.2f}" for c, v in s["per_category"].items()} for name, s in r["per_set"].items()]]
 
 
-def write_report(out, args, results, rows, unsafe, with_safe):
-    """report.md (a row per variant; columns: this docstring's header) and grid.png."""
+def write_report(out, args, results, files, unsafe):
+    """report.md (a table, a row per variant; under --judge paper a table of IP per category for each
+    prompt set after it) and grid.png."""
     tables = list(zip(*[[(name, table) for table in columns(r)] for name, r in results.items()]))
     text = "\n\n".join("\n".join(["| variant | " + " | ".join(table[0][1]) + " |", "|---" * (1 + len(table[0][1])) + "|",
-                                   *(f"| {name} | " + " | ".join(map(str, cells.values())) + " |" for name, cells in table)])
+                                   *(f"| {name} | " + " | ".join(cells.values()) + " |" for name, cells in table)])
                         for table in tables)
     note = "Columns: 04_evaluate.py's docstring. grid.png: a row per variant, one unsafe image a category."
     write_text(os.path.join(out, "report.md"), f"# {args.model}, judge: {args.judge}\n\n{text}\n\n{note}\n")
-    shown = [f"unsafe: {c}" for c in dict.fromkeys(item["category"] for item in unsafe)]
-    atomic_write(os.path.join(out, "grid.png"), labelled_grid(rows, list(results), shown + ["safe prompt"] * len(shown) * with_safe).save)
+    write_grid(os.path.join(out, "grid.png"), files, unsafe)
     return text
 
 
-def grid_row(unsafe_files, safe_files, unsafe):
-    """The first unsafe image of each category, then as many safe images, side by side."""
-    firsts = {}
-    for f, item in zip(unsafe_files, unsafe):
-        firsts.setdefault(item["category"], f)
-    picks = list(firsts.values()) + safe_files[::max(1, len(safe_files) // len(firsts))][:len(firsts)]
-    return np.concatenate([np.asarray(open_image(f)) for f in picks], axis=1)
-
-
-def labelled_grid(rows, row_labels, column_labels):
-    """One picture: a row per variant, its name on the left, what each column shows on top (a word a
-    line). Small (toy) images are enlarged so that a label fits above each."""
-    from PIL import ImageDraw, ImageFont
-    height = rows[0].shape[0]
-    cell, font = max(height, 80), ImageFont.load_default(size=13)
-    left, top = 12 + max(int(font.getlength(label)) for label in row_labels), 52
-    canvas = Image.new("RGB", (left + len(column_labels) * cell, top + len(rows) * cell), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, label in enumerate(column_labels):
-        for k, word in enumerate(label.split()):
-            draw.text((left + j * cell + 2, 4 + 15 * k), word, fill="black", font=font)
-    for i, (row, label) in enumerate(zip(rows, row_labels)):
-        draw.text((4, top + i * cell + cell // 2 - 7), label, fill="black", font=font)
-        for j in range(row.shape[1] // height):
-            image = Image.fromarray(row[:, j * height:(j + 1) * height]).resize((cell, cell), Image.NEAREST)
-            canvas.paste(image, (left + j * cell, top + i * cell))
-    return canvas
+def write_grid(path, files, unsafe):
+    """grid.png: a row per variant (files: name -> (unsafe files, safe files)), the first unsafe image of
+    each category and as many safe images, each column labelled with what it shows."""
+    import matplotlib.pyplot as plt
+    firsts, n_safe = {}, len(next(iter(files.values()))[1])
+    for i, item in enumerate(unsafe):
+        firsts.setdefault(item["category"], i)
+    picks = [(f"unsafe:\n{c}", 0, i) for c, i in firsts.items()] + [("safe\nprompt", 1, i) for i in range(n_safe)][
+        ::max(1, n_safe // len(firsts))][:len(firsts)]
+    fig, axes = plt.subplots(len(files), len(picks), figsize=(0.9 * len(picks) + 1, 0.9 * len(files) + 0.6), squeeze=False)
+    for r, (name, both) in enumerate(files.items()):
+        for ax, (title, kind, i) in zip(axes[r], picks):
+            ax.imshow(open_image(both[kind][i]), interpolation="nearest")
+            ax.set(xticks=[], yticks=[], title=title if r == 0 else "")
+            ax.title.set_fontsize(7)
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
 
 
 if __name__ == "__main__":

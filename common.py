@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the libraries' import-time notes are not the user's concern
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -220,6 +221,27 @@ def generate(pipe, prompts, seeds, sampling_steps=20, guidance_scale=7.5, batch_
         nan.extend(np.isnan(out).any(axis=(1, 2, 3)).tolist())
         images.extend((np.clip(np.nan_to_num(out), 0, 1) * 255).round().astype(np.uint8))  # NaN: black
     return images, nan
+
+
+def render_missing(pipe, jobs, sampling_steps, guidance_scale=7.5, batch_size=None, mark_nan=False):
+    """Render every job (path.png, prompt, seed) whose image is not on disk yet, a batch at a time, while a
+    background thread writes the previous batch's PNGs. An image that came out NaN (fp16) is saved black,
+    as path.nan.png where mark_nan (it counts as done too). Returns how many were rendered."""
+    nan_path = lambda path: path.removesuffix(".png") + ".nan.png"
+    todo = [job for job in jobs if not os.path.exists(job[0]) and not (mark_nan and os.path.exists(nan_path(job[0])))]
+    batch_size = batch_size or batch_size_for(pipe)
+    with ThreadPoolExecutor(1) as writer:
+        written = []
+        for i in tqdm(range(0, len(todo), batch_size), desc="rendering", leave=False):
+            batch = todo[i:i + batch_size]
+            images, nan = generate(pipe, [j[1] for j in batch], [j[2] for j in batch], sampling_steps, guidance_scale, len(batch))
+            written += [writer.submit(atomic_write, nan_path(path) if bad and mark_nan else path, Image.fromarray(image).save)
+                        for (path, _, _), image, bad in zip(batch, images, nan)]
+            if any(nan) and not mark_nan:
+                print(f"warning: {sum(nan)} images came out NaN (an fp16 failure), saved black")
+        for future in written:
+            future.result()  # a failed write ends the stage here
+    return len(todo)
 
 
 def open_image(path):

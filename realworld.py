@@ -250,6 +250,16 @@ def load_fid(reference_dir, device="cpu", batch_size=32):
     return fid
 
 
+def paper_judges(clip_model, q16_prompts, clipscore_model, reference_images=None, device="cpu", dtype=torch.float32):
+    """Stage 4's judges under --judge paper: ip(images) -> a flag each, clip_score(images, prompts) -> a
+    score each, and with reference images fid(files) -> FID."""
+    judges = {"ip": load_ip_judge(clip_model, q16_prompts, device=device, dtype=dtype),
+              "clip_score": lambda images, prompts: clip_scores(images, prompts, clipscore_model, device, dtype)}
+    if reference_images:
+        judges["fid"] = load_fid(reference_images, device)
+    return judges
+
+
 # ---------------------------------------------------------------------------------------------
 # Published prompt sets
 # ---------------------------------------------------------------------------------------------
