@@ -81,7 +81,7 @@ def test_one_tiny_point_end_to_end_then_resumed(toy_model, tmp_path):
                                       else r["deployed_rank"])
     assert point["results"]["comerge+distill"]["train_cpu_s"] > point["results"]["comerge"]["train_cpu_s"] > 0
     table = (tmp_path / "points" / "table.md").read_text()
-    assert table.count("| toy | 7 |") == len(scaling.METHODS)
+    assert table.count("| toy | 7 |") == len(scaling.METHODS) and (tmp_path / "points" / "scaling.png").stat().st_size
     mtime = (tmp_path / "points" / "toy-seed0-N7.json").stat().st_mtime
     scaling.main(argv)  # a finished point is never run again
     assert (tmp_path / "points" / "toy-seed0-N7.json").stat().st_mtime == mtime
