@@ -114,7 +114,7 @@ def train_lora(pipe, recipe, pairs, anchors, image_dir, out, seed, note):
 # --- 3. merges of the experts ----------------------------------------------------------------------
 def merge(args, pipe, method, expert_dirs, expert_pairs, anchors, image_dir, out, seed, note):
     """Co-Merge (stage 3: activations, the per-weight rule, SVD), linear or TIES (experiments/merges.py),
-    or Co-Merge distilled (stage 3's distill, from the Co-Merge in out_comerge)."""
+    or Co-Merge distilled (stage 3's distill, starting from the Co-Merge in the folder beside out)."""
     if os.path.exists(os.path.join(out, LORA_FILE)):
         return
     factors = [read_lora(d)[1] for d in expert_dirs]
