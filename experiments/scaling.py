@@ -38,7 +38,7 @@ import lab  # the repository root on sys.path
 import merges
 import scaling_world
 from common import (LORA_FILE, claim_output, encode_training_data, load_pipeline, open_image, read_anchors, read_lora,
-                    read_pairs, save_lora, write_json, write_text)
+                    read_pairs, render_missing, save_lora, write_json, write_text)
 
 generate_data = lab.load_stage("01_generate_data.py")
 trainer = lab.load_stage("02_train_expert.py")
@@ -87,7 +87,7 @@ def make_data(args, world, concepts, pipe, seed, out):
     jobs += [(f"a_idx_{i}_0.png", a, seed * 100_000 + 10**6 + i) for i, a in enumerate(anchors)]
     image_dir = os.path.join(out, "images")
     os.makedirs(image_dir, exist_ok=True)
-    generate_data.render_missing(pipe, jobs, image_dir, args.sampling_steps)
+    render_missing(pipe, [(os.path.join(image_dir, name), p, s) for name, p, s in jobs], args.sampling_steps)
     rows = []
     for i, (c, u, s) in enumerate(pairs):  # the filter: the loser shows the concept, the winner its counterpart
         loser, winner = (open_image(os.path.join(image_dir, n)) for n in generate_data.image_names(i))
