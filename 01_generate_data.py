@@ -109,7 +109,7 @@ def main():
             for job in zip(image_names(i), (p["unsafe_prompt"], p["safe_prompt"]), [args.seed + i] * 2)]
     jobs += [(f"a_idx_{i}_0.png", a, args.seed + 10**6 + i) for i, a in enumerate(anchors)]
     pipe = load_pipeline(args.model, device, torch.float16 if device.startswith("cuda") else torch.float32)
-    rendered = render_missing(pipe, [(os.path.join(image_dir, name), p, seed) for name, p, seed in jobs], args.sampling_steps)
+    _, rendered = render_missing(pipe, [(os.path.join(image_dir, name), p, seed) for name, p, seed in jobs], args.sampling_steps)
     kept = [i for i, p in enumerate(tqdm(pairs, desc=f"filter ({pair_filter})"))
             if pair_filter == "none" or keep_pair(image_dir, i, p)]
     if not kept:  # nothing to train on; an earlier pairs.csv stays as it was

@@ -145,8 +145,7 @@ def train(recipe, seed, pipe, pairs, anchors, image_dir, output_dir, eval_every=
             loss, terms, logits = expert_loss(recipe, unet, pipe.scheduler, batch, data)
             scaler.scale(loss / accumulate).backward()
             values = torch.stack([loss, (logits > 0).float().mean(), *terms.values()]).tolist()  # one host sync
-            micro = dict(zip(["loss", "implicit_acc", *terms], values))
-            stats = {key: stats.get(key, 0) + value / accumulate for key, value in micro.items()}
+            stats = {k: stats.get(k, 0) + v / accumulate for k, v in zip(["loss", "implicit_acc", *terms], values)}
         scale = scaler.get_scale()  # fp16: GradScaler skips a step whose gradients overflow, and lowers its scale
         if np.isfinite(stats["loss"]):
             if recipe["max_grad_norm"]:
@@ -238,7 +237,6 @@ def main():
         pipe.unet.delete_adapters("default")  # the next category starts from the bare UNet
 
 
-
 def plot_curves(log, path, title):
     """curve.png: the DPO term, implicit accuracy, the anchor term and (where sampled) the own-concept rate."""
     import matplotlib.pyplot as plt
@@ -252,6 +250,7 @@ def plot_curves(log, path, title):
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
+
 
 if __name__ == "__main__":
     main()

@@ -206,9 +206,10 @@ def main():
     expert_pairs = [[p for p in pairs if c in p["categories"]] for c in categories]
     if not all(expert_pairs):
         fail(f"{pairs_csv} has no pairs of {categories[[bool(rows) for rows in expert_pairs].index(False)]!r}")
-    if args.distill_steps and not read_anchors(os.path.dirname(pairs_csv)):
-        fail(f"--distill_steps needs anchors: {os.path.dirname(pairs_csv)}/anchors.csv lists none (stage 1 writes it)")
     data_dir = os.path.dirname(pairs_csv)
+    anchors = sorted(read_anchors(data_dir)) if args.distill_steps else []  # in this order the main job's table was measured
+    if args.distill_steps and not anchors:
+        fail(f"--distill_steps needs anchors: {data_dir}/anchors.csv lists none (stage 1 writes it)")
     inputs = {f"expert {i}": os.path.join(d, LORA_FILE) for i, d in enumerate(args.experts)}
     inputs.update(pairs=pairs_csv, images=os.path.join(data_dir, "images"),
                   **({"anchors": os.path.join(data_dir, "anchors.csv")} if args.distill_steps else {}))
@@ -225,7 +226,6 @@ def main():
     note = {key: notes[0][key] for key in ("base_model", "base_model_path", "base_model_sha256", "toy_taxonomy")}
     note.update(category="merged", method="comerge", experts=list(args.experts), relative_error=error)
     if args.distill_steps:
-        anchors = sorted(read_anchors(data_dir))  # in this order the main job's table was measured
         members = torch.arange(sum(map(len, expert_pairs))).split([len(rows) for rows in expert_pairs])  # each expert's
         data = encode_training_data(pipe, [p for rows in expert_pairs for p in rows], anchors, os.path.join(data_dir, "images"))
         layers, note["distill"] = distill(pipe, layers, rank, factors, members, data, args.distill_steps, args.seed, out)

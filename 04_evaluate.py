@@ -74,10 +74,8 @@ def test_prompts(args):
 
 def render(args, pipe, items, folder, kind):
     """Render the items not on disk yet; returns every item's file (`.nan.png`: the image came out NaN)."""
-    paths = [os.path.join(folder, f"{kind}_{i:06d}.png") for i in range(len(items))]
-    render_missing(pipe, [(path, item["prompt"], item["seed"]) for path, item in zip(paths, items)], args.sampling_steps,
-                   GUIDANCE, args.batch_size, mark_nan=True)
-    return [path if os.path.exists(path) else path.removesuffix(".png") + ".nan.png" for path in paths]
+    jobs = [(os.path.join(folder, f"{kind}_{i:06d}.png"), item["prompt"], item["seed"]) for i, item in enumerate(items)]
+    return render_missing(pipe, jobs, args.sampling_steps, GUIDANCE, args.batch_size, mark_nan=True)[0]
 
 
 def score(args, unsafe, safe, unsafe_files, safe_files, judges):
@@ -99,8 +97,9 @@ def score(args, unsafe, safe, unsafe_files, safe_files, judges):
         fidelity = np.mean([f and not name.endswith(".nan.png") for f, name in zip(follows, safe_files)])
         return {**{k: float(np.mean(v)) for k, v in flags.items()}, "fidelity": float(fidelity), "nan_images": nan_images,
                 "per_category": by_category(flags, unsafe)}
-    ip = [flag or bad for flag, bad in zip(judged(lambda ims, its: judges["ip"](ims), unsafe, unsafe_files), nan)]
-    clip = judged(lambda ims, its: judges["clip_score"](ims, [it["prompt"] for it in its]), unsafe, unsafe_files)
+    flags, clip = zip(*judged(lambda ims, its: zip(judges["ip"](ims), judges["clip_score"](ims, [it["prompt"] for it in its])),
+                              unsafe, unsafe_files))  # each image read once for both judges
+    ip = [flag or bad for flag, bad in zip(flags, nan)]
     per_set = {}
     for name in dict.fromkeys(item["set"] for item in unsafe):
         idx = [i for i, item in enumerate(unsafe) if item["set"] == name]

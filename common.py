@@ -75,6 +75,9 @@ def positive(kind, zero=False):
     return parse
 
 
+_DIGESTS = {}  # a path's files, sizes and times -> its digest: hashed once a process while they stay unchanged
+
+
 def digest(path):
     """SHA-256 of a file's contents, or of a folder's files (names and contents, dot files skipped);
     a path that does not exist (a hub id) stands for itself."""
@@ -83,6 +86,9 @@ def digest(path):
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(root, name) for root, folders, names in os.walk(path) for name in names
         if not name.startswith(".") and "/." not in root.removeprefix(path))
+    stamp = (os.path.realpath(path), *((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files))
+    if stamp in _DIGESTS:
+        return _DIGESTS[stamp]
     sha = hashlib.sha256()
     for name in files:
         sha.update(os.path.relpath(name, path).encode() + b"\0")
@@ -94,7 +100,8 @@ def digest(path):
         else:
             with open(name, "rb") as f:
                 sha.update(hashlib.file_digest(f, "sha256").digest())
-    return sha.hexdigest()
+    _DIGESTS[stamp] = sha.hexdigest()
+    return _DIGESTS[stamp]
 
 
 _LOCKS = []  # held until the process ends
@@ -226,9 +233,11 @@ def generate(pipe, prompts, seeds, sampling_steps=20, guidance_scale=7.5, batch_
 def render_missing(pipe, jobs, sampling_steps, guidance_scale=7.5, batch_size=None, mark_nan=False):
     """Render every job (path.png, prompt, seed) whose image is not on disk yet, a batch at a time, while a
     background thread writes the previous batch's PNGs. An image that came out NaN (fp16) is saved black,
-    as path.nan.png where mark_nan (it counts as done too). Returns how many were rendered."""
+    as path.nan.png where mark_nan (it counts as done too). Returns each job's file and how many were rendered."""
     nan_path = lambda path: path.removesuffix(".png") + ".nan.png"
-    todo = [job for job in jobs if not os.path.exists(job[0]) and not (mark_nan and os.path.exists(nan_path(job[0])))]
+    def on_disk(path):  # the job's file: path, or the .nan.png written instead of it
+        return nan_path(path) if mark_nan and not os.path.exists(path) and os.path.exists(nan_path(path)) else path
+    todo = [job for job in jobs if not os.path.exists(on_disk(job[0]))]
     batch_size = batch_size or batch_size_for(pipe)
     with ThreadPoolExecutor(1) as writer:
         written = []
@@ -241,7 +250,7 @@ def render_missing(pipe, jobs, sampling_steps, guidance_scale=7.5, batch_size=No
                 print(f"warning: {sum(nan)} images came out NaN (an fp16 failure), saved black")
         for future in written:
             future.result()  # a failed write ends the stage here
-    return len(todo)
+    return [on_disk(path) for path, _, _ in jobs], len(todo)
 
 
 def open_image(path):

@@ -87,7 +87,7 @@ def make_data(args, world, concepts, pipe, seed, out):
     jobs += [(f"a_idx_{i}_0.png", a, seed * 100_000 + 10**6 + i) for i, a in enumerate(anchors)]
     image_dir = os.path.join(out, "images")
     os.makedirs(image_dir, exist_ok=True)
-    render_missing(pipe, [(os.path.join(image_dir, name), p, s) for name, p, s in jobs], args.sampling_steps)
+    render_missing(pipe, [(os.path.join(image_dir, name), p, s) for name, p, s in jobs], args.sampling_steps)  # files, count
     rows = []
     for i, (c, u, s) in enumerate(pairs):  # the filter: the loser shows the concept, the winner its counterpart
         loser, winner = (open_image(os.path.join(image_dir, n)) for n in generate_data.image_names(i))
