@@ -317,8 +317,13 @@ def point_file(args, n, seed):
 
 
 def commit(path, message):
-    subprocess.run(["git", "add", path], cwd=lab.ROOT, check=True)
-    subprocess.run(["git", "commit", "-q", "-m", message, "--", path], cwd=lab.ROOT, check=True)
+    """Commit one point's JSON alone; retried, as two sweeps (or a person) may hold git's index lock."""
+    for attempt in range(5):
+        added = subprocess.run(["git", "add", path], cwd=lab.ROOT).returncode == 0
+        if added and subprocess.run(["git", "commit", "-q", "-m", message, "--", path], cwd=lab.ROOT).returncode == 0:
+            return
+        time.sleep(10 * (attempt + 1))
+    raise RuntimeError(f"could not commit {path}: it is written; commit it by hand")
 
 
 def write_table(points_dir):
