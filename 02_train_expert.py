@@ -206,9 +206,7 @@ def main():
     chosen = ["all-data"] if args.all_data else categories if args.category == "each" else [args.category]
     if args.eval_every and not all(toyworld.concept_of(p["unsafe_prompt"]) for p in pairs):
         fail("--eval_every samples with the toy judge: these pairs are not toy prompts")
-    anchors = read_anchors(args.data) if args.recipe["anchor_weight"] else []  # encoded only when a term uses them
-    if args.recipe["anchor_weight"] and not anchors:
-        fail(f"--anchor_weight needs anchors: {args.data}/anchors.csv lists none (stage 1 writes it)")
+    anchors = read_anchors(args.data, "--anchor_weight") if args.recipe["anchor_weight"] else []  # read only when used
     folders = [category.lower().replace(" ", "-") for category in chosen]
     root = args.output_dir or os.path.join("experts", "toy", "" if args.category == "each" else folders[0])
     output_dirs = [output_path(root, f) if args.category == "each" else root for f in folders]  # names checked first
@@ -232,7 +230,7 @@ def main():
         plot_curves(log, os.path.join(output_dir, "curve.png"), f"expert {category}")
         last, skipped = log[-1], sum(s.get("skipped", 0) for s in log)
         print(f"02 expert {category}: {len(expert_pairs)} pairs, {args.recipe['max_train_steps']} steps, final loss "
-              f"{last.get('loss', float('nan')):.4f}" + (f", {skipped} steps skipped (loss not finite)" if skipped else "")
+              f"{last.get('loss', float('nan')):.4f}" + (f", {skipped} steps skipped (loss or gradients not finite)" if skipped else "")
               + f", {time.time() - started:.0f}s -> {os.path.join(output_dir, LORA_FILE)}")
         pipe.unet.delete_adapters("default")  # the next category starts from the bare UNet
 
@@ -244,8 +242,7 @@ def plot_curves(log, path, title):
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
     for ax, key in zip(axes[0], panels):
         ax.plot(*zip(*[(s["step"], s[key]) for s in log if key in s]), marker="o" if key.startswith("sampled") else None)
-        ax.set_title(key.replace("_", " "))
-        ax.set_xlabel("step")
+        ax.set(title=key.replace("_", " "), xlabel="step")
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))

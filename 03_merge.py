@@ -207,9 +207,7 @@ def main():
     if not all(expert_pairs):
         fail(f"{pairs_csv} has no pairs of {categories[[bool(rows) for rows in expert_pairs].index(False)]!r}")
     data_dir = os.path.dirname(pairs_csv)
-    anchors = sorted(read_anchors(data_dir)) if args.distill_steps else []  # in this order the main job's table was measured
-    if args.distill_steps and not anchors:
-        fail(f"--distill_steps needs anchors: {data_dir}/anchors.csv lists none (stage 1 writes it)")
+    anchors = sorted(read_anchors(data_dir, "--distill_steps")) if args.distill_steps else []  # the main job's order
     inputs = {f"expert {i}": os.path.join(d, LORA_FILE) for i, d in enumerate(args.experts)}
     inputs.update(pairs=pairs_csv, images=os.path.join(data_dir, "images"),
                   **({"anchors": os.path.join(data_dir, "anchors.csv")} if args.distill_steps else {}))

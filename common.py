@@ -338,10 +338,14 @@ def read_pairs(path):
             for _, h in sorted(halves.items(), key=lambda kv: tuple(map(int, kv[0].split("_"))))]
 
 
-def read_anchors(data_dir):
-    """Anchors (stage 1's anchors.csv): prompts an expert must leave unchanged, with the model's images of them."""
+def read_anchors(data_dir, needed_by=None):
+    """Anchors (stage 1's anchors.csv): prompts an expert must leave unchanged, with the model's images of them.
+    needed_by: the flag that uses them (none listed is then refused)."""
     path = os.path.join(data_dir, "anchors.csv")
-    return [(r["prompt"], r["image"]) for r in read_csv(path, ["prompt", "image"])] if os.path.exists(path) else []
+    anchors = [(r["prompt"], r["image"]) for r in read_csv(path, ["prompt", "image"])] if os.path.exists(path) else []
+    if needed_by and not anchors:
+        fail(f"{needed_by} needs anchors: {path} lists none (stage 1 writes it)")
+    return anchors
 
 
 class Latents:

@@ -227,6 +227,10 @@ CASES = [
      "cannot name a file or folder"),
     ("anchors-absolute", lambda c: (c.write("data/anchors.csv", "prompt,image\nx,/etc/passwd\n"), c.train(*c.fresh))[1],
      "must be a file name inside"),
+    ("anchors-none-for-the-anchor-term", lambda c: (c.write("data/anchors.csv", "prompt,image\n"), c.train(*c.fresh))[1],
+     "--anchor_weight needs anchors"),
+    ("anchors-none-for-distillation", lambda c: (c.write("data/anchors.csv", "prompt,image\n"),
+                                                 c.merge("--data", c.data, "--distill_steps", "2"))[1], "--distill_steps needs anchors"),
     ("anchors-dotdot", lambda c: (c.write("data/anchors.csv", "prompt,image\nx,../../x.png\n"), c.train(*c.fresh))[1],
      "must be a file name inside"),
     # stage 1's own files
