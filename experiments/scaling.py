@@ -9,7 +9,7 @@ the stages' own functions:
      and TIES (stage 3, experiments/merges.py);
   4. all-data: one LoRA on every pair (stage 2), at the merges' rank, with about their compute;
   5. UCE (Gandikota et al. 2024): a closed-form edit of the cross-attention keys and values, no training;
-  6. negative prompts: the base model with the nearest unsafe concept as its negative prompt (inference only);
+  6. negative prompts (inference only): the nearest unsafe concept, or the seven unsafe words, as the negative prompt;
   7. evaluation (stage 4's renderer, this world's exact judge) on test seeds training never saw.
 Measures per method: IP (the image shows any unsafe concept), redirect (it shows the prompt's safe
 counterpart), fidelity on safe prompts, fidelity on the concepts' safe neighbours (collateral damage),
@@ -45,7 +45,7 @@ trainer = lab.load_stage("02_train_expert.py")
 merger = lab.load_stage("03_merge.py")
 evaluator = lab.load_stage("04_evaluate.py")
 POINTS = os.path.join(lab.ROOT, "experiments", "scaling")
-METHODS = ("base", "negative-prompt", "uce", "all-data", "comerge", "comerge+distill", "linear", "ties")
+METHODS = ("base", "negative-prompt", "negative-words", "uce", "all-data", "comerge", "comerge+distill", "linear", "ties")
 
 
 def parse_args(argv=None):
@@ -60,7 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--distill_steps", type=int, default=3200, help="run_toy.sh's")
     parser.add_argument("--all_data_steps", type=int, default=3400, help="run_toy.sh's: the experts' and distillation's time")
     parser.add_argument("--rank", type=int, default=4, help="each expert's; merges and the all-data LoRA deploy 7x this")
-    parser.add_argument("--uce_lambda", type=float, default=0.1, help="UCE's weight on ||W - W_old||^2")
+    parser.add_argument("--uce_lambda", type=float, default=0.1, help="UCE's weight on ||W - W_old||^2 (its release's)")
+    parser.add_argument("--uce_preserve_scale", type=float, default=0.1, help="UCE's weight on the preserved prompts (its release's)")
     parser.add_argument("--eval_concepts", type=int, default=112, help="concepts evaluated (all when N is smaller)")
     parser.add_argument("--eval_images", type=int, default=224, help="unsafe test images at least (more seeds per prompt at small N)")
     parser.add_argument("--sampling_steps", type=int, default=20, help="DDIM steps (evaluation and pairs)")
@@ -141,20 +142,20 @@ def merge(args, pipe, method, expert_dirs, expert_pairs, anchors, image_dir, out
 
 # --- 5. UCE: a closed-form edit of the cross-attention keys and values ----------------------------
 @torch.no_grad()
-def uce(pipe, erase, targets, preserve, lam):
+def uce(pipe, erase, targets, preserve, lam, preserve_scale):
     """Unified Concept Editing (Gandikota et al. 2024). For every cross-attention key and value matrix W
     (out x d, applied to the text embeddings c), the minimiser of
-        sum_i ||W c_i - W_old c*_i||^2 + sum_p ||W c_p - W_old c_p||^2 + lam ||W - W_old||^2
+        sum_i ||W c_i - W_old c*_i||^2 + s sum_p ||W c_p - W_old c_p||^2 + lam ||W - W_old||^2
     over the unsafe prompts' token embeddings c_i (targets c*_i: the counterpart's, token by token) and
     the preserved prompts' c_p, which is (set the gradient to 0):
-        W = W_old (sum_i c*_i c_i^T + sum_p c_p c_p^T + lam I) (sum_i c_i c_i^T + sum_p c_p c_p^T + lam I)^-1
-    Returns {parameter name: new weight}."""
+        W = W_old (sum_i c*_i c_i^T + s sum_p c_p c_p^T + lam I) (sum_i c_i c_i^T + s sum_p c_p c_p^T + lam I)^-1
+    lam = s = 0.1 are UCE's release's defaults (its erase scale 1). Returns {parameter name: new weight}."""
     embed = lambda prompts: torch.cat([pipe.encode_prompt(prompts[i:i + 64], pipe.device, 1, False)[0]
                                        for i in range(0, len(prompts), 64)]).flatten(0, 1).double()  # tokens x d
     c, c_star, c_p = embed(erase), embed(targets), embed(preserve)
     eye = torch.eye(c.shape[1], dtype=torch.float64)
-    left = c_star.T @ c + c_p.T @ c_p + lam * eye
-    right = c.T @ c + c_p.T @ c_p + lam * eye
+    left = c_star.T @ c + preserve_scale * c_p.T @ c_p + lam * eye
+    right = c.T @ c + preserve_scale * c_p.T @ c_p + lam * eye
     edit = left @ torch.linalg.inv(right)  # d x d: the same for every layer, W = W_old @ edit
     return {name: (layer.weight.double() @ edit).float() for name, layer in key_value_layers(pipe.unet).items()}
 
@@ -167,22 +168,29 @@ def key_value_layers(unet):
 
 # --- 6. negative prompts: the base model, told what not to draw ----------------------------------
 class NegativePrompt:
-    """The pipeline with a negative prompt for every prompt (classifier-free guidance pushes away from it):
-    the unsafe concept nearest the prompt (fewest attributes different; its own for an unsafe prompt),
-    as a user who lists the unsafe concepts closest to each request would. Stage 4's renderer calls it."""
-    def __init__(self, pipe, world, concepts):
-        self.pipe, self.world, self.unsafe = pipe, world, [c["unsafe"] for c in concepts]
+    """The pipeline with a negative prompt for every prompt (classifier-free guidance pushes away from it),
+    negative(prompt) -> text. Stage 4's renderer calls it. Two kinds (the tokenizer's 16 tokens hold one
+    concept, not a list of them):
+      negative-prompt: the unsafe concept nearest the prompt (fewest attributes different; its own for an
+        unsafe prompt), as a user who names the unsafe concept closest to each request would;
+      negative-words: the seven unsafe words ("purple orange brown cross navy large top") for every prompt,
+        as a user who lists the forbidden words once would."""
+    def __init__(self, pipe, negative):
+        self.pipe, self.negative = pipe, negative
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def negative(self, prompt):
-        asked = self.world.parse(prompt)
-        nearest = min(self.unsafe, key=lambda u: sum(a != b for a, b in zip(u, asked)))
-        return self.world.prompt(nearest)
-
     def __call__(self, prompts, **kwargs):
         return self.pipe(prompts, negative_prompt=[self.negative(p) for p in prompts], **kwargs)
+
+
+def nearest_concept(world, concepts):
+    unsafe = [c["unsafe"] for c in concepts]
+    def negative(prompt):
+        asked = world.parse(prompt)
+        return world.prompt(min(unsafe, key=lambda u: sum(a != b for a, b in zip(u, asked))))
+    return negative
 
 
 # --- 7. evaluation ---------------------------------------------------------------------------------
@@ -244,8 +252,8 @@ class Clock:
 def run_point(args, world, n, seed):
     concepts = scaling_world.taxonomy(world, n)
     work = claim_output(os.path.join(args.work_dir, f"{args.world}-seed{seed}-N{n}"),
-                        {k: v for k, v in vars(args).items() if k not in ("sizes", "seeds", "work_dir", "points_dir",
-                                                                       "commit", "report", "threads")},
+                        {k: v for k, v in vars(args).items() if k not in ("sizes", "seeds", "work_dir", "points_dir", "commit",
+                                                                       "report", "threads", "uce_lambda", "uce_preserve_scale")},
                         {"model": args.model})
     loaded, clock = load_pipeline(args.model, "cpu"), Clock(os.path.join(work, "cpu_seconds.json"))
     fresh = lambda: copy.deepcopy(loaded)  # a pipeline of its own for each phase, as each stage loads its own
@@ -272,17 +280,19 @@ def run_point(args, world, n, seed):
     for method in ("comerge", "comerge+distill", "linear", "ties"):
         loras[method] = os.path.join(work, "merged", method)
         clock.run(method, merge, args, fresh(), method, expert_dirs, expert_pairs, anchors, image_dir, loras[method], seed, dict(note))
-    uce_file = os.path.join(work, "uce.pt")
+    uce_tag = f"uce-lambda{args.uce_lambda}-preserve{args.uce_preserve_scale}"  # UCE's settings name its files
+    uce_file = os.path.join(work, uce_tag + ".pt")
     if not os.path.exists(uce_file):
         erase = [world.prompt(c["unsafe"]) for c in concepts]
         edit = clock.run("uce", uce, fresh(), erase, [world.prompt(c["safe"]) for c in concepts], [a for a, _ in anchors] + [""],
-                         args.uce_lambda)
+                         args.uce_lambda, args.uce_preserve_scale)
         lab.atomic_write(uce_file, lambda tmp: torch.save(edit, tmp))
     items, results = test_items(args, world, concepts, seed), {}
     for method in tqdm(METHODS, desc=f"evaluating N={n}"):
-        cached = os.path.join(work, "eval", f"{method}.json")
+        file_name = uce_tag if method == "uce" else method
+        cached = os.path.join(work, "eval", f"{file_name}.json")
         if not os.path.exists(cached):
-            folder = os.path.join(work, "eval", method)
+            folder = os.path.join(work, "eval", file_name)
             os.makedirs(folder, exist_ok=True)
             pipe = model = fresh()
             if method in loras:
@@ -292,28 +302,44 @@ def run_point(args, world, n, seed):
                     for name, weight in torch.load(uce_file).items():
                         key_value_layers(pipe.unet)[name].weight.copy_(weight)
             elif method == "negative-prompt":
-                model = NegativePrompt(pipe, world, concepts)
+                model = NegativePrompt(pipe, nearest_concept(world, concepts))
+            elif method == "negative-words":
+                words = " ".join(value for _, value, _ in world.categories.values())
+                model = NegativePrompt(pipe, lambda prompt: words)
             write_json(cached, clock.run(f"eval {method}", evaluate, args, world, concepts, model, items, folder))
         results[method] = json.load(open(cached))
     seconds = clock.seconds
     trained = {"experts": seconds.get("experts", 0.0)}
-    compute = {"base": 0.0, "negative-prompt": 0.0, "uce": seconds.get("uce", 0.0), "all-data": seconds.get("all-data", 0.0),
+    compute = {"base": 0.0, "negative-prompt": 0.0, "negative-words": 0.0, "uce": seconds.get("uce", 0.0),
+               "all-data": seconds.get("all-data", 0.0),
                "comerge": trained["experts"] + seconds.get("comerge", 0.0), "linear": trained["experts"] + seconds.get("linear", 0.0),
                "ties": trained["experts"] + seconds.get("ties", 0.0),
                "comerge+distill": trained["experts"] + seconds.get("comerge", 0.0) + seconds.get("comerge+distill", 0.0)}
-    rank = {"base": 0, "negative-prompt": 0, "uce": "full edit of attn2 to_k/to_v (rank <= 64)",
+    rank = {"base": 0, "negative-prompt": 0, "negative-words": 0, "uce": "full edit of attn2 to_k/to_v (rank <= 64)",
             **{m: args.rank * len(categories) for m in ("all-data", "comerge", "comerge+distill", "linear", "ties")}}
     for method in results:
         results[method].update(train_cpu_s=round(compute[method], 1), deployed_rank=rank[method])
     return {"world": args.world, "n": n, "seed": seed, "model": args.model, "settings": {
-                k: getattr(args, k) for k in ("pair_budget", "anchors", "expert_steps", "distill_steps", "all_data_steps",
-                                              "rank", "uce_lambda", "eval_concepts", "eval_images", "sampling_steps", "filter")},
+                k: getattr(args, k) for k in ("pair_budget", "anchors", "expert_steps", "distill_steps", "all_data_steps", "rank",
+                                              "uce_lambda", "uce_preserve_scale", "eval_concepts", "eval_images", "sampling_steps",
+                                              "filter")},
             "data": data_info, "test_images": {k: len(v) for k, v in items.items()}, "cpu_seconds": seconds,
             "results": results}
 
 
 def point_file(args, n, seed):
     return os.path.join(args.points_dir, f"{args.world}-seed{seed}-N{n}.json")
+
+
+def finished(args, n, seed):
+    """The point's JSON exists with every method, its UCE of these settings. Otherwise the point is run
+    again, and only what is missing is computed: a new method, UCE of other settings (a point of before
+    --uce_preserve_scale had 1)."""
+    if not os.path.exists(point_file(args, n, seed)):
+        return False
+    point = json.load(open(point_file(args, n, seed)))
+    uce_settings = point["settings"]["uce_lambda"], point["settings"].get("uce_preserve_scale", 1.0)
+    return uce_settings == (args.uce_lambda, args.uce_preserve_scale) and set(METHODS) <= set(point["results"])
 
 
 def commit(path, message):
@@ -383,16 +409,20 @@ def main(argv=None):
     os.makedirs(args.points_dir, exist_ok=True)
     if not args.report:
         world = scaling_world.World(args.world)
-        todo = [(n, s) for n in sorted(args.sizes) for s in args.seeds if not os.path.exists(point_file(args, n, s))]
+        todo = [(n, s) for n in sorted(args.sizes) for s in args.seeds if not finished(args, n, s)]
         for n, seed in tqdm(todo, desc="scaling points (N, seed)"):
-            started = time.time()
+            started, path = time.time(), point_file(args, n, seed)
+            old = json.load(open(path)) if os.path.exists(path) else None  # a method missing, or UCE redone
             point = run_point(args, world, n, seed)
-            point["wall_minutes"] = round((time.time() - started) / 60, 1)
-            path = point_file(args, n, seed)
+            minutes = round((time.time() - started) / 60, 1)
+            point["wall_minutes"] = old["wall_minutes"] if old else minutes
+            if old:
+                point["completed_minutes"] = minutes
             write_json(path, point)
-            print(f"scaling: N={n} seed {seed} in {point['wall_minutes']} min -> {path}")
+            print(f"scaling: N={n} seed {seed} in {minutes} min -> {path}")
             if args.commit:
-                commit(path, f"scaling: N={n}, seed {seed}, {args.world} world ({point['wall_minutes']} min)")
+                commit(path, f"scaling: N={n}, seed {seed}, {args.world} world "
+                             + ("(completed: the methods added since, UCE of these settings)" if old else f"({minutes} min)"))
     print(write_table(args.points_dir))
 
 
