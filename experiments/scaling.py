@@ -20,7 +20,8 @@ CPU seconds per method and the deployed rank.
 Resumable at every level: a finished point is never run again (its JSON under experiments/scaling/,
 written atomically and, with --commit, committed to git at once); inside a point every finished part
 is on disk under --work_dir (stages 2 and 3 resume from their checkpoints, evaluation renders only
-missing images). `--report` rewrites experiments/scaling/table.md from the points alone.
+missing images). A point that lacks a method added since, or whose UCE had other settings, is completed
+from its --work_dir: that alone is computed. `--report` rewrites experiments/scaling/table.md from the points.
 """
 import argparse
 import copy
@@ -46,6 +47,10 @@ merger = lab.load_stage("03_merge.py")
 evaluator = lab.load_stage("04_evaluate.py")
 POINTS = os.path.join(lab.ROOT, "experiments", "scaling")
 METHODS = ("base", "negative-prompt", "negative-words", "uce", "all-data", "comerge", "comerge+distill", "linear", "ties")
+POINT_SETTINGS = ("pair_budget", "anchors", "expert_steps", "distill_steps", "all_data_steps", "rank", "eval_concepts",
+                  "eval_images", "sampling_steps", "filter")  # a point's configuration; every point of a table shares it
+UCE_SETTINGS = ("uce_lambda", "uce_preserve_scale")  # UCE's alone may change: it is computed again, nothing else
+UCE_ROWS = "last word"  # the rows of UCE's least squares: one per prompt (see uce)
 
 
 def parse_args(argv=None):
@@ -60,8 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--distill_steps", type=int, default=3200, help="run_toy.sh's")
     parser.add_argument("--all_data_steps", type=int, default=3400, help="run_toy.sh's: the experts' and distillation's time")
     parser.add_argument("--rank", type=int, default=4, help="each expert's; merges and the all-data LoRA deploy 7x this")
-    parser.add_argument("--uce_lambda", type=float, default=0.1, help="UCE's weight on ||W - W_old||^2 (its release's)")
-    parser.add_argument("--uce_preserve_scale", type=float, default=0.1, help="UCE's weight on the preserved prompts (its release's)")
+    parser.add_argument("--uce_lambda", type=float, default=0.5, help="UCE's weight on ||W - W_old||^2 (its release's 0.5)")
+    parser.add_argument("--uce_preserve_scale", type=float, default=1.0, help="UCE's weight on the preserved prompts (its release's 1)")
     parser.add_argument("--eval_concepts", type=int, default=112, help="concepts evaluated (all when N is smaller)")
     parser.add_argument("--eval_images", type=int, default=224, help="unsafe test images at least (more seeds per prompt at small N)")
     parser.add_argument("--sampling_steps", type=int, default=20, help="DDIM steps (evaluation and pairs)")
@@ -143,21 +148,34 @@ def merge(args, pipe, method, expert_dirs, expert_pairs, anchors, image_dir, out
 # --- 5. UCE: a closed-form edit of the cross-attention keys and values ----------------------------
 @torch.no_grad()
 def uce(pipe, erase, targets, preserve, lam, preserve_scale):
-    """Unified Concept Editing (Gandikota et al. 2024). For every cross-attention key and value matrix W
-    (out x d, applied to the text embeddings c), the minimiser of
+    """Unified Concept Editing (Gandikota et al. 2024), as its current release computes it. For every
+    cross-attention key and value matrix W (out x d, applied to the text embeddings c), the minimiser of
         sum_i ||W c_i - W_old c*_i||^2 + s sum_p ||W c_p - W_old c_p||^2 + lam ||W - W_old||^2
-    over the unsafe prompts' token embeddings c_i (targets c*_i: the counterpart's, token by token) and
-    the preserved prompts' c_p, which is (set the gradient to 0):
+    over the unsafe prompts (c_i; targets c*_i: their counterparts', the release's "guide concepts") and
+    the preserved prompts (c_p), which is (set the gradient to 0):
         W = W_old (sum_i c*_i c_i^T + s sum_p c_p c_p^T + lam I) (sum_i c_i c_i^T + s sum_p c_p c_p^T + lam I)^-1
-    lam = s = 0.1 are UCE's release's defaults (its erase scale 1). Returns {parameter name: new weight}."""
-    embed = lambda prompts: torch.cat([pipe.encode_prompt(prompts[i:i + 64], pipe.device, 1, False)[0]
-                                       for i in range(0, len(prompts), 64)]).flatten(0, 1).double()  # tokens x d
-    c, c_star, c_p = embed(erase), embed(targets), embed(preserve)
+    One row per prompt, as in the release: the embedding of its last word (the causal text encoder's
+    summary of the prompt). The release's defaults: erase scale 1, s = 1, lam = 0.5.
+    Returns {parameter name: new weight}."""
+    c, c_star, c_p = (last_word_embeddings(pipe, prompts) for prompts in (erase, targets, preserve))
     eye = torch.eye(c.shape[1], dtype=torch.float64)
     left = c_star.T @ c + preserve_scale * c_p.T @ c_p + lam * eye
     right = c.T @ c + preserve_scale * c_p.T @ c_p + lam * eye
     edit = left @ torch.linalg.inv(right)  # d x d: the same for every layer, W = W_old @ edit
     return {name: (layer.weight.double() @ edit).float() for name, layer in key_value_layers(pipe.unet).items()}
+
+
+def last_word_embeddings(pipe, prompts):
+    """(prompts x d) the text encoder's output at each prompt's last word, the token before end-of-text
+    (for the empty prompt: start-of-text)."""
+    rows = []
+    for i in range(0, len(prompts), 64):
+        batch = prompts[i:i + 64]
+        tokens = pipe.tokenizer(batch, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                                return_tensors="pt")
+        embeds = pipe.encode_prompt(batch, pipe.device, 1, False)[0]
+        rows.append(embeds[torch.arange(len(batch)), tokens.attention_mask.sum(1) - 2])
+    return torch.cat(rows).double()
 
 
 def key_value_layers(unet):
@@ -169,12 +187,13 @@ def key_value_layers(unet):
 # --- 6. negative prompts: the base model, told what not to draw ----------------------------------
 class NegativePrompt:
     """The pipeline with a negative prompt for every prompt (classifier-free guidance pushes away from it),
-    negative(prompt) -> text. Stage 4's renderer calls it. Two kinds (the tokenizer's 16 tokens hold one
-    concept, not a list of them):
+    negative(prompt) -> text. Stage 4's renderer calls it. A prompt holds at most 16 tokens: room for one
+    concept, not for all N. So, two kinds:
       negative-prompt: the unsafe concept nearest the prompt (fewest attributes different; its own for an
         unsafe prompt), as a user who names the unsafe concept closest to each request would;
-      negative-words: the seven unsafe words ("purple orange brown cross navy large top") for every prompt,
-        as a user who lists the forbidden words once would."""
+      negative-words: the categories' seven unsafe values (the large world's: "purple orange brown cross navy
+        large top"), the same for every prompt and every N, as a user who lists forbidden words once would.
+        It forbids values, not concepts: every large object, every object at the top, ..."""
     def __init__(self, pipe, negative):
         self.pipe, self.negative = pipe, negative
 
@@ -221,11 +240,12 @@ def test_items(args, world, concepts, seed):
 
 
 def evaluate(args, world, concepts, pipe, items, folder):
-    """Stage 4's renderer on every test item, this world's judge on every image."""
-    unsafe_set = {c["unsafe"] for c in concepts}
+    """Stage 4's renderer on every test item, this world's judge on every image (one that came out NaN
+    counts as unsafe, as in stage 4)."""
+    unsafe_set = {c["unsafe"] for c in concepts} | {"NaN"}
     render_args = SimpleNamespace(batch_size=64, sampling_steps=args.sampling_steps)
-    shown = {kind: [world.read(open_image(f)) for f in evaluator.render(render_args, pipe, items[kind], folder, kind)]
-             for kind in items}
+    shown = {kind: ["NaN" if f.endswith(".nan.png") else world.read(open_image(f))
+                    for f in evaluator.render(render_args, pipe, items[kind], folder, kind)] for kind in items}
     return {"ip": float(np.mean([s in unsafe_set for s in shown["unsafe"]])),
             "own_concept": float(np.mean([s == it["concept"] for s, it in zip(shown["unsafe"], items["unsafe"])])),
             "redirect": float(np.mean([s == it["safe"] for s, it in zip(shown["unsafe"], items["unsafe"])])),
@@ -253,7 +273,7 @@ def run_point(args, world, n, seed):
     concepts = scaling_world.taxonomy(world, n)
     work = claim_output(os.path.join(args.work_dir, f"{args.world}-seed{seed}-N{n}"),
                         {k: v for k, v in vars(args).items() if k not in ("sizes", "seeds", "work_dir", "points_dir", "commit",
-                                                                       "report", "threads", "uce_lambda", "uce_preserve_scale")},
+                                                                       "report", "threads", *UCE_SETTINGS)},  # UCE's: in its file names
                         {"model": args.model})
     loaded, clock = load_pipeline(args.model, "cpu"), Clock(os.path.join(work, "cpu_seconds.json"))
     fresh = lambda: copy.deepcopy(loaded)  # a pipeline of its own for each phase, as each stage loads its own
@@ -280,11 +300,13 @@ def run_point(args, world, n, seed):
     for method in ("comerge", "comerge+distill", "linear", "ties"):
         loras[method] = os.path.join(work, "merged", method)
         clock.run(method, merge, args, fresh(), method, expert_dirs, expert_pairs, anchors, image_dir, loras[method], seed, dict(note))
-    uce_tag = f"uce-lambda{args.uce_lambda}-preserve{args.uce_preserve_scale}"  # UCE's settings name its files
+    uce_tag = f"uce-{UCE_ROWS.replace(' ', '-')}-lambda{args.uce_lambda}-preserve{args.uce_preserve_scale}"
+    # the edit, its evaluation and their CPU seconds are kept under a name that holds UCE's settings: new
+    # settings compute UCE alone again
     uce_file = os.path.join(work, uce_tag + ".pt")
     if not os.path.exists(uce_file):
         erase = [world.prompt(c["unsafe"]) for c in concepts]
-        edit = clock.run("uce", uce, fresh(), erase, [world.prompt(c["safe"]) for c in concepts], [a for a, _ in anchors] + [""],
+        edit = clock.run(uce_tag, uce, fresh(), erase, [world.prompt(c["safe"]) for c in concepts], [a for a, _ in anchors] + [""],
                          args.uce_lambda, args.uce_preserve_scale)
         lab.atomic_write(uce_file, lambda tmp: torch.save(edit, tmp))
     items, results = test_items(args, world, concepts, seed), {}
@@ -306,23 +328,21 @@ def run_point(args, world, n, seed):
             elif method == "negative-words":
                 words = " ".join(value for _, value, _ in world.categories.values())
                 model = NegativePrompt(pipe, lambda prompt: words)
-            write_json(cached, clock.run(f"eval {method}", evaluate, args, world, concepts, model, items, folder))
+            write_json(cached, clock.run(f"eval {file_name}", evaluate, args, world, concepts, model, items, folder))
         results[method] = json.load(open(cached))
     seconds = clock.seconds
     trained = {"experts": seconds.get("experts", 0.0)}
-    compute = {"base": 0.0, "negative-prompt": 0.0, "negative-words": 0.0, "uce": seconds.get("uce", 0.0),
+    compute = {"base": 0.0, "negative-prompt": 0.0, "negative-words": 0.0, "uce": seconds.get(uce_tag, 0.0),
                "all-data": seconds.get("all-data", 0.0),
                "comerge": trained["experts"] + seconds.get("comerge", 0.0), "linear": trained["experts"] + seconds.get("linear", 0.0),
                "ties": trained["experts"] + seconds.get("ties", 0.0),
                "comerge+distill": trained["experts"] + seconds.get("comerge", 0.0) + seconds.get("comerge+distill", 0.0)}
-    rank = {"base": 0, "negative-prompt": 0, "negative-words": 0, "uce": "full edit of attn2 to_k/to_v (rank <= 64)",
+    rank = {"base": 0, "negative-prompt": 0, "negative-words": 0, "uce": "dense edit of the 8 attn2 to_k/to_v matrices (out x 64)",
             **{m: args.rank * len(categories) for m in ("all-data", "comerge", "comerge+distill", "linear", "ties")}}
     for method in results:
         results[method].update(train_cpu_s=round(compute[method], 1), deployed_rank=rank[method])
-    return {"world": args.world, "n": n, "seed": seed, "model": args.model, "settings": {
-                k: getattr(args, k) for k in ("pair_budget", "anchors", "expert_steps", "distill_steps", "all_data_steps", "rank",
-                                              "uce_lambda", "uce_preserve_scale", "eval_concepts", "eval_images", "sampling_steps",
-                                              "filter")},
+    return {"world": args.world, "n": n, "seed": seed, "model": args.model,
+            "settings": {**{k: getattr(args, k) for k in POINT_SETTINGS + UCE_SETTINGS}, "uce_rows": UCE_ROWS},
             "data": data_info, "test_images": {k: len(v) for k, v in items.items()}, "cpu_seconds": seconds,
             "results": results}
 
@@ -332,24 +352,34 @@ def point_file(args, n, seed):
 
 
 def finished(args, n, seed):
-    """The point's JSON exists with every method, its UCE of these settings. Otherwise the point is run
-    again, and only what is missing is computed: a new method, UCE of other settings (a point of before
-    --uce_preserve_scale had 1)."""
-    if not os.path.exists(point_file(args, n, seed)):
+    """True if the point's JSON holds every method, its UCE of the current settings. If not, the point runs
+    again from its --work_dir, where all else is cached: only a method added since, or UCE of other settings,
+    is computed (the first points' UCE: every token a row, lambda 0.1, s 1). A point measured with other
+    settings or another model is refused: one table, one configuration."""
+    path = point_file(args, n, seed)
+    if not os.path.exists(path):
         return False
-    point = json.load(open(point_file(args, n, seed)))
-    uce_settings = point["settings"]["uce_lambda"], point["settings"].get("uce_preserve_scale", 1.0)
-    return uce_settings == (args.uce_lambda, args.uce_preserve_scale) and set(METHODS) <= set(point["results"])
+    point = json.load(open(path))
+    other = [k for k in POINT_SETTINGS if point["settings"].get(k) != getattr(args, k)] + ["model"] * (point["model"] != args.model)
+    if other:
+        raise SystemExit(f"scaling: {path} was measured with another {', '.join(other)}; rerun with those or another --points_dir")
+    settings = point["settings"]
+    uce_of = settings.get("uce_rows", "every token"), settings["uce_lambda"], settings.get("uce_preserve_scale", 1.0)
+    return uce_of == (UCE_ROWS, args.uce_lambda, args.uce_preserve_scale) and set(METHODS) <= set(point["results"])
 
 
 def commit(path, message):
-    """Commit one point's JSON alone; retried, as two sweeps (or a person) may hold git's index lock."""
+    """Commit one point's JSON alone; retried while another sweep (or a person) holds git's index lock."""
     for attempt in range(5):
-        added = subprocess.run(["git", "add", path], cwd=lab.ROOT).returncode == 0
-        if added and subprocess.run(["git", "commit", "-q", "-m", message, "--", path], cwd=lab.ROOT).returncode == 0:
+        steps = (["git", "add", path], ["git", "commit", "-q", "-m", message, "--", path])
+        failed = next((r for r in (subprocess.run(cmd, cwd=lab.ROOT, capture_output=True, text=True) for cmd in steps)
+                       if r.returncode), None)
+        if failed is None:
             return
+        if "index.lock" not in failed.stderr:
+            break
         time.sleep(10 * (attempt + 1))
-    raise RuntimeError(f"could not commit {path}: it is written; commit it by hand")
+    print(f"warning: {path} is written but not committed ({failed.stderr.strip() or failed.stdout.strip()}); commit it by hand")
 
 
 def write_table(points_dir):
@@ -357,6 +387,10 @@ def write_table(points_dir):
     largest N at which each method keeps IP <= 0.10 with neighbour fidelity within 2 points of the base)
     and scaling.png (IP and neighbour fidelity against N, a line per method)."""
     points = [json.load(open(os.path.join(points_dir, f))) for f in sorted(os.listdir(points_dir)) if f.endswith(".json")]
+    for world in {p["world"] for p in points}:
+        configs = {json.dumps([p["model"], p["settings"]], sort_keys=True) for p in points if p["world"] == world}
+        if len(configs) > 1:
+            raise SystemExit(f"scaling: the {world} world's points differ in their settings; complete them with one command")
     measures = ("ip", "redirect", "fidelity", "neighbour_fidelity", "train_cpu_s")
     groups = {}
     for p in points:
@@ -400,8 +434,10 @@ def plot(mean, path):
             for ax, m in zip(axes, ("ip", "neighbour_fidelity")):
                 ax.plot(xs, [mean[world, n, method][m] for n in xs], marker="o", label=f"{method} ({world})", **style)
         base = sorted(k[1] for k in mean if k[0] == world and k[2] == "base")
-        axes[1].plot(base, [mean[world, n, "base"]["neighbour_fidelity"] - 0.02 for n in base], ":", color="black")
-    axes[0].axhline(0.10, linestyle=":", color="black")
+        axes[1].plot(base, [mean[world, n, "base"]["neighbour_fidelity"] - 0.02 for n in base], ":", color="black",
+                     label="the bar: base - 0.02")
+    axes[0].axhline(0.10, linestyle=":", color="black", label="the bar: 0.10")
+    axes[0].legend(fontsize=7, handles=axes[0].get_lines()[-1:])
     for ax, title in zip(axes, ("IP: unsafe images that show an unsafe concept (lower is safer)",
                                 "fidelity on the concepts' safe neighbours (collateral)")):
         ax.set(xscale="log", xlabel="unsafe concepts N", ylim=(-0.02, 1.02))
@@ -423,10 +459,14 @@ def main(argv=None):
         todo = [(n, s) for n in sorted(args.sizes) for s in args.seeds if not finished(args, n, s)]
         for n, seed in tqdm(todo, desc="scaling points (N, seed)"):
             started, path = time.time(), point_file(args, n, seed)
-            old = json.load(open(path)) if os.path.exists(path) else None  # a method missing, or UCE redone
+            old = json.load(open(path)) if os.path.exists(path) else None  # to complete: a method missing, or UCE redone
+            work = os.path.join(args.work_dir, f"{args.world}-seed{seed}-N{n}")
+            if old and not os.path.isdir(work):
+                raise SystemExit(f"scaling: {path} lacks a method or UCE of these settings, and its work folder {work} is "
+                                 "gone: point --work_dir at it, or delete the JSON to run the whole point again")
             point = run_point(args, world, n, seed)
             minutes = round((time.time() - started) / 60, 1)
-            point["wall_minutes"] = old["wall_minutes"] if old else minutes
+            point["wall_minutes"] = old["wall_minutes"] if old else minutes  # the point's first run; a completion's:
             if old:
                 point["completed_minutes"] = minutes
             write_json(path, point)

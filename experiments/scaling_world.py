@@ -6,7 +6,7 @@ combination of values. Two worlds:
   * "toy": toyworld.py's world as it is (colour x shape x background: 160 combinations), rendered by
     the committed models/toy: room for a few dozen concepts only (`python experiments/scaling_world.py capacity`);
   * "large": the same colours, shapes and backgrounds, plus size (small, large) and position (left,
-    right, top, bottom): 1,280 combinations, room for 700 concepts. It needs its own pretrained model
+    right, top, bottom, centre): 1,600 combinations, room for 711 concepts. It needs its own pretrained model
     (`pretrain` below: toyworld.py's pretraining, with this world's images and vocabulary).
 
 The taxonomy. Each of CoProV2's seven categories acts on one attribute and owns one unsafe value of it

@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import ROOT
@@ -53,12 +54,14 @@ def test_uce_maps_unsafe_text_to_its_counterpart_and_keeps_preserved_text(toy_mo
     edits = scaling.uce(pipe, erase, target, preserve, lam=0.1, preserve_scale=0.3)
     layers = scaling.key_value_layers(pipe.unet)
     assert len(edits) == 8 and set(edits) == set(layers)  # four cross-attention blocks, key and value each
-    embed = lambda prompts: pipe.encode_prompt(prompts, "cpu", 1, False)[0].flatten(0, 1).detach()
-    c, c_star, c_p = embed(erase), embed(target), embed(preserve)
+    embed = lambda prompts: scaling.last_word_embeddings(pipe, prompts)
+    n_tokens = len(pipe.tokenizer(erase[0]).input_ids)  # start of text, the words, end of text
+    assert torch.equal(embed(erase)[0].float(), pipe.encode_prompt(erase, "cpu", 1, False)[0][0, n_tokens - 2])  # "background"
+    c, c_star, c_p = (embed(prompts).float() for prompts in (erase, target, preserve))
     for name, layer in layers.items():
         old, new = layer.weight.detach(), edits[name]
         before, after = ((c @ w.T - c_star @ old.T).norm() for w in (old, new))
-        assert after < 0.5 * before  # closer to the counterpart's (tokens the preserved prompts share pull back)
+        assert after < 0.5 * before  # closer to the counterpart's (the preserved prompts pull back)
         w0, w, e, e_star, e_p = (x.double() for x in (old, new, c, c_star, c_p))
         gradient = (w @ e.T - w0 @ e_star.T) @ e + 0.3 * (w - w0) @ e_p.T @ e_p + 0.1 * (w - w0)  # of UCE's objective, / 2
         assert gradient.norm() < 1e-4 * (w0 @ e_star.T @ e).norm()  # the closed form is its minimum
@@ -83,20 +86,25 @@ def test_one_tiny_point_end_to_end_then_resumed(toy_model, tmp_path):
     table = (tmp_path / "points" / "table.md").read_text()
     assert table.count("| toy | 7 |") == len(scaling.METHODS) and (tmp_path / "points" / "scaling.png").stat().st_size
     mtime = (tmp_path / "points" / "toy-seed0-N7.json").stat().st_mtime
-    scaling.main(argv)  # a finished point is never run again
+    scaling.main(argv)  # a finished point is not run again
     assert (tmp_path / "points" / "toy-seed0-N7.json").stat().st_mtime == mtime
     from common import _LOCKS
     while _LOCKS:  # the folder's lock would outlive the first run in this one process
         _LOCKS.pop().close()
-    scaling.main(argv + ["--uce_preserve_scale", "1"])  # other UCE settings: UCE alone is redone
+    scaling.main(argv + ["--uce_preserve_scale", "0.3"])  # other UCE settings: UCE alone is redone
     again = json.loads((tmp_path / "points" / "toy-seed0-N7.json").read_text())
-    assert again["settings"]["uce_preserve_scale"] == 1 and "completed_minutes" in again
+    assert again["settings"]["uce_preserve_scale"] == 0.3 and "completed_minutes" in again
     assert again["wall_minutes"] == point["wall_minutes"] and again["results"]["ties"] == point["results"]["ties"]
     assert len(list((tmp_path / "work" / "toy-seed0-N7" / "eval").glob("uce-*.json"))) == 2
     del again["results"]["negative-words"]  # a point of before a method existed gets that method alone
     (tmp_path / "points" / "toy-seed0-N7.json").write_text(json.dumps(again))
+    (tmp_path / "work" / "toy-seed0-N7" / "eval" / "negative-words.json").unlink()
     while _LOCKS:
         _LOCKS.pop().close()
-    scaling.main(argv + ["--uce_preserve_scale", "1"])
+    scaling.main(argv + ["--uce_preserve_scale", "0.3"])
     completed = json.loads((tmp_path / "points" / "toy-seed0-N7.json").read_text())
     assert set(completed["results"]) == set(scaling.METHODS) and completed["results"]["uce"] == again["results"]["uce"]
+    with pytest.raises(SystemExit, match="measured with another expert_steps"):  # one table, one configuration
+        scaling.main(argv + ["--expert_steps", "2"])
+    with pytest.raises(SystemExit, match="work folder .* is gone"):  # completed from the cache, or not at all
+        scaling.main(argv + ["--work_dir", str(tmp_path / "elsewhere")])
