@@ -3,15 +3,12 @@ traceback, and every file written before left as it was (issue 20). One table of
 fresh copies of one tiny stage-1 output and one tiny expert. The stages run in this process (their
 main() with sys.argv set, as `python 0N_*.py ...` would), which saves importing torch per case;
 one case also runs as a real subprocess."""
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import traceback
 
 import numpy as np
 import pytest
@@ -21,39 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common import LORA_FILE
-from conftest import ROOT, load_stage
+from conftest import ROOT, run_in_process as run
 
-
-STAGES = {}
 TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "1", "--sampling_steps", "4", "--filter", "none"]
 TINY_TRAIN = ["--category", "Hate", "--train_batch_size", "2"]  # pair 0 is a Hate pair
 OTHERS = ["--leave_out", "Harassment", "Self-harm", "Sexual", "Shocking", "Illegal Activity"]
 ANCHORS = "a blue circle on a gray background\na green square on a navy background\n"
-
-
-def run(script, *args):
-    """(exit status, stdout, stderr) of main() of a stage, as the interpreter would report them."""
-    if script not in STAGES:
-        STAGES[script] = load_stage(script)
-    out, err, argv, cwd = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
-    sys.argv = [script, *map(str, args)]
-    os.chdir(ROOT)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            STAGES[script].main()
-        code = 0
-    except SystemExit as end:  # entry_point and argparse end here
-        code = end.code if isinstance(end.code, int) else int(end.code is not None)
-    except Exception:  # what a user would see as a traceback
-        err.write(traceback.format_exc())
-        code = 1
-    finally:
-        sys.argv = argv
-        os.chdir(cwd)
-        from common import _LOCKS
-        while _LOCKS:  # in one process the folders' locks would outlive the "run"
-            _LOCKS.pop().close()
-    return code, out.getvalue(), err.getvalue()
 
 
 def snapshot(root):

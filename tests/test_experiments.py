@@ -7,28 +7,13 @@ import pytest
 import torch
 
 from common import read_lora
-from conftest import ROOT, run_stage
+from conftest import ROOT, run_stage  # and the work fixture: stage 1 and two experts
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import llm_prompts  # noqa: E402
 import merges  # noqa: E402
 
-TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "4", "--sampling_steps", "8", "--filter", "none"]
-ANCHORS = ["a red circle on a black background", "a lime circle on a black background"]  # stage 1: 2, not the toy's 264
 TINY_TRAIN = ["--max_train_steps", "3", "--train_batch_size", "4", "--sft_weight", "0", "--anchor_weight", "0"]  # DPO
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, toy_model):
-    """Stage 1 and two experts (Violence, Hate) once for the module."""
-    root = tmp_path_factory.mktemp("experiments")
-    (root / "anchors.txt").write_text("\n".join(ANCHORS))
-    run_stage("01_generate_data.py", "--model", toy_model, "--output_dir", str(root / "data"), *TINY_GEN,
-              "--anchor_prompts", str(root / "anchors.txt"))
-    for category in ("Violence", "Hate"):
-        run_stage("02_train_expert.py", "--model", toy_model, "--data", str(root / "data"), "--category", category,
-                  "--output_dir", str(root / category), *TINY_TRAIN)
-    return root
 
 
 def plain_pipeline(toy_model):

@@ -9,25 +9,19 @@ import torch
 from PIL import Image
 
 from common import LORA_FILE, read_lora, read_pairs
-from conftest import error_line, load_stage, run_stage
+from conftest import TINY_GEN, TINY_TRAIN, load_stage, run_in_process, run_stage
 
-TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "4", "--sampling_steps", "8", "--filter", "none"]
-TINY_TRAIN = ["--max_train_steps", "3", "--train_batch_size", "4", "--learning_rate", "1e-2"]
 CATEGORIES_BUT_TWO = ["Harassment", "Self-harm", "Sexual", "Shocking", "Illegal Activity"]  # the work fixture trains two
 TINY_MERGE = ["--prompts_per_expert", "2", "--sampling_steps", "3", "--leave_out", *CATEGORIES_BUT_TWO]
 TINY_EVAL = ["--concepts_per_category", "1", "--seeds_per_prompt", "1", "--sampling_steps", "5"]
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, toy_model):
-    """Stages 1 and 2 once for the module: pairs and two experts."""
-    root = tmp_path_factory.mktemp("stages")
-    data = str(root / "data")
-    run_stage("01_generate_data.py", "--model", toy_model, "--output_dir", data, *TINY_GEN)
-    for category in ("Violence", "Hate"):
-        run_stage("02_train_expert.py", "--model", toy_model, "--data", data, "--category", category,
-                  "--output_dir", str(root / category), *TINY_TRAIN)
-    return root
+def refusal(*args):
+    """The one error line of a stage run that must be refused. Run in this process (its main(), as
+    `python 0N_*.py ...` would), which saves importing torch again; test_bad_inputs runs one as a subprocess."""
+    code, _, err = run_in_process(*args)
+    assert code != 0 and "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +60,16 @@ def test_generate_from_an_official_csv_renders_every_pair(toy_model, tmp_path):
     assert [p["unsafe_prompt"] for p in pairs] == ["a red circle on a gray background", "a red square on a navy background"]
     images = {p[k] for p in pairs for k in ("loser_image", "winner_image")}
     assert len(images) == 4 and all((tmp_path / "gen" / "images" / i).exists() for i in images)
-    result = run_stage("01_generate_data.py", "--csv", str(csv), "--pairs_per_concept", "3", check=False)
-    assert result.returncode != 0 and "--pairs_per_concept: the toy taxonomy's, not used with --csv" in error_line(result)
+    result = refusal("01_generate_data.py", "--csv", str(csv), "--pairs_per_concept", "3")
+    assert "--pairs_per_concept: the toy taxonomy's, not used with --csv" in result
 
 
 def test_generate_refuses_to_resume_with_other_settings(work, toy_model, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(work / "data", data)
     other = [a if a != "4" else "3" for a in TINY_GEN]  # 3 pairs per concept: indices map to other prompts
-    result = run_stage("01_generate_data.py", "--model", toy_model, "--output_dir", str(data), *other, check=False)
-    assert result.returncode != 0 and "other settings" in error_line(result) and "pairs_per_concept 4 -> 3" in error_line(result)
+    result = refusal("01_generate_data.py", "--model", toy_model, "--output_dir", str(data), *other)
+    assert "other settings" in result and "pairs_per_concept 4 -> 3" in result
     assert (data / "pairs.csv").read_bytes() == (work / "data" / "pairs.csv").read_bytes()
 
 
@@ -158,8 +152,8 @@ def test_distillation_resumes_as_one_run_and_refuses_other_settings(work):
     assert all(torch.allclose(a, ra, atol=1e-6) and torch.allclose(b, rb, atol=1e-6)
                for (a, b), (ra, rb) in zip(expected.values(), resumed.values()))
     written = (twice / LORA_FILE).read_bytes()
-    result = run_stage("03_merge.py", *merge, "--distill_steps", "4", "--seed", "1", "--output_dir", str(twice), check=False)
-    assert result.returncode != 0 and "seed 0 -> 1" in error_line(result)
+    result = refusal("03_merge.py", *merge, "--distill_steps", "4", "--seed", "1", "--output_dir", str(twice))
+    assert "seed 0 -> 1" in result
     assert (twice / LORA_FILE).read_bytes() == written
 
 
@@ -167,8 +161,8 @@ def test_a_merge_never_writes_into_an_expert(work, tmp_path):
     expert = tmp_path / "Violence"
     shutil.copytree(work / "Violence", expert)
     before = {p.name: p.read_bytes() for p in expert.iterdir() if p.is_file()}
-    result = run_stage("03_merge.py", str(expert), str(work / "Hate"), *TINY_MERGE, "--output_dir", str(expert), check=False)
-    assert result.returncode != 0 and "would write into the input" in error_line(result)
+    result = refusal("03_merge.py", str(expert), str(work / "Hate"), *TINY_MERGE, "--output_dir", str(expert))
+    assert "would write into the input" in result
     assert {p.name: p.read_bytes() for p in expert.iterdir() if p.is_file()} == before
 
 
@@ -197,11 +191,11 @@ def test_evaluate_renders_only_what_is_missing(work, toy_model, evaluated, tmp_p
     assert victim.exists() and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert json.loads((out / "results.json").read_text())["results"] == \
         json.loads((evaluated / "results.json").read_text())["results"]
-    other = run_stage(*command, *TINY_EVAL[:-1], "4", check=False)  # 4 sampling steps instead of 5: not these images
-    assert other.returncode != 0 and "sampling_steps 5 -> 4" in error_line(other)
+    other = refusal(*command, *TINY_EVAL[:-1], "4")  # 4 sampling steps instead of 5: not these images
+    assert "sampling_steps 5 -> 4" in other
     shutil.copy(work / "Hate" / LORA_FILE, lora / LORA_FILE)  # as if retrained in place
-    retrained = run_stage(*command, *TINY_EVAL, check=False)
-    assert retrained.returncode != 0 and "changed" in error_line(retrained)
+    retrained = refusal(*command, *TINY_EVAL)
+    assert "changed" in retrained
     more = tmp_path / "more"  # a rerun with one more --lora renders that one only
     shutil.copytree(evaluated, more)
     stamps = {p: p.stat().st_mtime_ns for p in (more / "images").rglob("*.png")}
@@ -227,12 +221,12 @@ def test_training_resumes_only_with_the_same_settings(work, toy_model, tmp_path)
     shutil.copytree(work / "Violence", expert)  # a finished 3-step run
     train = ["02_train_expert.py", "--model", toy_model, "--data", str(work / "data"), "--category", "Violence",
              "--output_dir", str(expert), *TINY_TRAIN[2:]]
-    result = run_stage(*train, "--max_train_steps", "4", "--beta", "1000", check=False)
-    assert result.returncode != 0 and "beta 500 -> 1000.0" in error_line(result)
-    result = run_stage(*train, "--max_train_steps", "4", "--seed", "1", check=False)  # another run's seed
-    assert result.returncode != 0 and "seed 0 -> 1" in error_line(result)
-    result = run_stage(*train, "--max_train_steps", "2", check=False)
-    assert result.returncode != 0 and "at step 3, past the 2 steps asked for" in error_line(result)
+    result = refusal(*train, "--max_train_steps", "4", "--beta", "1000")
+    assert "beta 500 -> 1000.0" in result
+    result = refusal(*train, "--max_train_steps", "4", "--seed", "1")  # another run's seed
+    assert "seed 0 -> 1" in result
+    result = refusal(*train, "--max_train_steps", "2")
+    assert "at step 3, past the 2 steps asked for" in result
     assert (expert / LORA_FILE).read_bytes() == (work / "Violence" / LORA_FILE).read_bytes()
     run_stage(*train, "--max_train_steps", "4")  # the same run, one step longer
     log = json.loads((expert / "log.json").read_text())["log"]
@@ -241,8 +235,8 @@ def test_training_resumes_only_with_the_same_settings(work, toy_model, tmp_path)
     shutil.copytree(work / "data", data)
     (data / "pairs.csv").write_text((data / "pairs.csv").read_text().replace("a red", "a  red", 1))
     train[train.index(str(work / "data"))] = str(data)
-    result = run_stage(*train, "--max_train_steps", "5", check=False)
-    assert result.returncode != 0 and "pairs changed" in error_line(result)
+    result = refusal(*train, "--max_train_steps", "5")
+    assert "pairs changed" in result
 
 
 def test_killed_training_resumes_to_the_same_tensors(work, toy_model, tmp_path):
@@ -305,10 +299,8 @@ def test_the_schedule_counts_only_steps_that_updated(work, toy_model, monkeypatc
       "--pairs_per_concept", "1"], "error: "),
 ])
 def test_bad_input_ends_with_one_clear_line(work, args, message):
-    args = [a.format(data=work / "data", work=work) for a in args]
-    result = run_stage(*args, check=False)
-    assert result.returncode != 0 and message in error_line(result) and "Traceback" not in result.stderr
-    assert error_line(result).startswith("error:") or ": error: " in error_line(result)  # argparse: "prog: error: ..."
+    line = refusal(*[a.format(data=work / "data", work=work) for a in args])
+    assert message in line and (line.startswith("error:") or ": error: " in line)  # argparse: "prog: error: ..."
 
 
 def test_each_category_trains_every_expert_in_one_process(work, toy_model, tmp_path):
@@ -320,6 +312,6 @@ def test_each_category_trains_every_expert_in_one_process(work, toy_model, tmp_p
     (_, alone), (_, together) = read_lora(str(work / "Violence")), read_lora(str(tmp_path / "experts" / "violence"))
     assert all(torch.allclose(alone[k][i], together[k][i], atol=1e-6) for k in alone for i in (0, 1))
     assert (tmp_path / "experts" / "violence" / "curve.png").stat().st_size > 0
-    merged = run_stage("03_merge.py", *[str(tmp_path / "experts" / f) for f in folders if f != "sexual"],
-                       "--output_dir", str(tmp_path / "merged"), check=False)  # one category forgotten: refused
-    assert merged.returncode != 0 and "categories without an expert: Sexual" in error_line(merged)
+    merged = refusal("03_merge.py", *[str(tmp_path / "experts" / f) for f in folders if f != "sexual"],
+                     "--output_dir", str(tmp_path / "merged"))  # one category forgotten: refused
+    assert "categories without an expert: Sexual" in merged
