@@ -85,7 +85,8 @@ def toy_model():
 
 @pytest.fixture(scope="session")
 def work(tmp_path_factory, toy_model):
-    """Stages 1 and 2 once for the session (test_stages, test_experiments): pairs and two experts."""
+    """Stages 1 and 2 once for the session: pairs and two experts (toy recipe), shared by test_stages and
+    test_experiments (whose tests do not depend on the recipe); tests that change them work on a copy."""
     root = tmp_path_factory.mktemp("stages")
     data = str(root / "data")
     run_stage("01_generate_data.py", "--model", toy_model, "--output_dir", data, *TINY_GEN)
