@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common import LORA_FILE
-from conftest import ROOT, run_in_process as run
+from conftest import ROOT, run_in_process
 
 TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "1", "--sampling_steps", "4", "--filter", "none"]
 TINY_TRAIN = ["--category", "Hate", "--train_batch_size", "2"]  # pair 0 is a Hate pair
@@ -44,11 +44,11 @@ def tiny(tmp_path_factory, toy_model):
     """One stage-1 output (7 pairs, 2 anchors) and two experts (2 steps each), built once."""
     root = tmp_path_factory.mktemp("bad_inputs")
     (root / "anchors.txt").write_text(ANCHORS)
-    code, _, err = run("01_generate_data.py", "--model", toy_model, "--output_dir", root / "data", *TINY_GEN,
+    code, _, err = run_in_process("01_generate_data.py", "--model", toy_model, "--output_dir", root / "data", *TINY_GEN,
                        "--anchor_prompts", root / "anchors.txt")
     assert code == 0, err[-2000:]
     for name, category in (("expert", "Hate"), ("other", "Violence")):
-        code, _, err = run("02_train_expert.py", "--model", toy_model, "--data", root / "data", "--output_dir",
+        code, _, err = run_in_process("02_train_expert.py", "--model", toy_model, "--data", root / "data", "--output_dir",
                            root / name, "--category", category, "--train_batch_size", "2", "--max_train_steps", "2")
         assert code == 0, err[-2000:]
     return root
@@ -244,7 +244,7 @@ def test_bad_input_ends_with_one_error_line(tiny, toy_model, tmp_path, build, ex
     case = Case(tiny, tmp_path, toy_model)
     command = [a for a in build(case) if a is not None]
     before = snapshot(tmp_path)
-    code, _, err = run(*command)
+    code, _, err = run_in_process(*command)
     lines = err.strip().splitlines()
     assert code != 0 and "Traceback" not in err, err[-3000:]
     assert lines[-1].startswith("error:") or ": error: " in lines[-1], lines[-1]  # argparse: "prog: error: ..."
@@ -269,12 +269,12 @@ def test_as_a_subprocess_one_line_and_no_library_warnings(tiny, toy_model, tmp_p
 def test_lora_json_is_only_a_note(tiny, toy_model, tmp_path):
     """Rank, alpha and targets come from the weights file: a lora.json that lies or is broken changes nothing."""
     case = Case(tiny, tmp_path, toy_model)
-    code, _, err = run(*case.merge("--output_dir", tmp_path / "honest"))
+    code, _, err = run_in_process(*case.merge("--output_dir", tmp_path / "honest"))
     assert code == 0, err[-2000:]
     info = json.loads((case.expert / "lora.json").read_text())
     (case.expert / "lora.json").write_text(json.dumps({**info, "alpha": 400, "rank": 8, "targets": ["conv"]}))
     (case.other / "lora.json").write_text("{")
-    code, _, err = run(*case.merge("--output_dir", tmp_path / "lied-to"))
+    code, _, err = run_in_process(*case.merge("--output_dir", tmp_path / "lied-to"))
     assert code == 0, err[-2000:]
     assert load_file(str(tmp_path / "honest" / LORA_FILE)).keys() == load_file(str(tmp_path / "lied-to" / LORA_FILE)).keys()
     assert all(torch.equal(a, b) for a, b in zip(load_file(str(tmp_path / "honest" / LORA_FILE)).values(),
@@ -285,7 +285,7 @@ def test_the_same_model_under_another_path_is_the_same_model(tiny, toy_model, tm
     """The expert was trained on an absolute path; evaluated on a relative one, run from the repository."""
     case = Case(tiny, tmp_path, toy_model)
     for model in ("models/toy", "./models/toy"):
-        code, _, err = run(*case.evaluate("--model", model, "--seeds_per_prompt", "1", "--sampling_steps", "1",
+        code, _, err = run_in_process(*case.evaluate("--model", model, "--seeds_per_prompt", "1", "--sampling_steps", "1",
                                           "--output_dir", tmp_path / model.replace("/", "_")))
         assert code == 0, err[-2000:]
 
@@ -296,7 +296,7 @@ def test_a_read_only_output_folder_is_refused_before_any_work(tiny, toy_model, t
     out.mkdir()
     out.chmod(0o555)
     try:
-        code, _, err = run("04_evaluate.py", "--model", toy_model, "--output_dir", out)
+        code, _, err = run_in_process("04_evaluate.py", "--model", toy_model, "--output_dir", out)
     finally:
         out.chmod(0o755)
     assert code != 0 and "Permission denied" in err.strip().splitlines()[-1]
