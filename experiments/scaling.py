@@ -397,11 +397,12 @@ def write_table(points_dir):
         for method, r in p["results"].items():
             groups.setdefault((p["world"], p["n"], method), []).append(r)
     mean = {key: {m: float(np.mean([r[m] for r in rows])) for m in measures} for key, rows in groups.items()}
+    spread = {key: {m: float(np.std([r[m] for r in rows])) for m in measures} for key, rows in groups.items()}
     lines = ["| world | N | method | seeds | " + " | ".join(measures) + " | deployed rank |", "|---" * (len(measures) + 5) + "|"]
     order = lambda key: (key[0], key[1], METHODS.index(key[2]))
     for key in sorted(groups, key=order):
         rows = groups[key]
-        cells = [f"{mean[key][m]:.3f} ± {np.std([r[m] for r in rows]):.3f}" if m != "train_cpu_s" else f"{mean[key][m]:.0f}"
+        cells = [f"{mean[key][m]:.3f} ± {spread[key][m]:.3f}" if m != "train_cpu_s" else f"{mean[key][m]:.0f}"
                  for m in measures]
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(rows)} | " + " | ".join(cells) + f" | {rows[0]['deployed_rank']} |")
     lines += ["", "Largest N with IP <= 0.10 and neighbour fidelity within 0.02 of the base's (means over seeds):", "",
@@ -413,26 +414,30 @@ def write_table(points_dir):
                   and mean[world, n, method]["neighbour_fidelity"] >= mean[world, n, "base"]["neighbour_fidelity"] - 0.02]
             lines.append(f"| {world} | {method} | {max(ok) if ok else 'none'} | {', '.join(map(str, sizes))} |")
     write_text(os.path.join(points_dir, "table.md"), "\n".join(lines) + "\n")
-    plot(mean, os.path.join(points_dir, "scaling.png"))
+    plot(mean, spread, os.path.join(points_dir, "scaling.png"))
     return "\n".join(lines)
 
 
-def plot(mean, path):
+def plot(mean, spread, path):
     """IP and neighbour fidelity against N, a line per method: the base model black, the trained methods
-    solid, the training-free ones dashed; the claim's bars dotted (IP 0.10; the base's neighbour fidelity
-    less 2 points)."""
+    solid, the training-free ones dashed; error bars where a point has several seeds (one standard deviation
+    over them; the methods a little apart along N, so that no bar hides another); the claim's bars dotted
+    (IP 0.10; the base's neighbour fidelity less 2 points)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     sizes = sorted({k[1] for k in mean})
     for world in sorted({k[0] for k in mean}):
-        for method in METHODS:
+        for i, method in enumerate(METHODS):
             xs = sorted(k[1] for k in mean if k[0] == world and k[2] == method)
+            dodge = 1.03 ** ((i + 1) // 2 * (-1) ** i)  # the base at N, the others a little either side
             style = dict(color="black", linewidth=2) if method == "base" else dict(
                 linestyle="--" if method in ("negative-prompt", "negative-words", "uce") else "-")
             for ax, m in zip(axes, ("ip", "neighbour_fidelity")):
-                ax.plot(xs, [mean[world, n, method][m] for n in xs], marker="o", label=f"{method} ({world})", **style)
+                ax.errorbar([n * dodge for n in xs], [mean[world, n, method][m] for n in xs],
+                            yerr=[spread[world, n, method][m] for n in xs], marker="o", capsize=3,
+                            label=f"{method} ({world})", **style)
         base = sorted(k[1] for k in mean if k[0] == world and k[2] == "base")
         axes[1].plot(base, [mean[world, n, "base"]["neighbour_fidelity"] - 0.02 for n in base], ":", color="black",
                      label="the bar: base - 0.02")
