@@ -71,6 +71,15 @@ def run_in_process(script, *args):
     return code, out.getvalue(), err.getvalue()
 
 
+def refusal(*args):
+    """The one error line of a stage run that must be refused. Run in this process (its main(), as
+    `python 0N_*.py ...` would), which saves importing torch again; test_bad_inputs runs one as a subprocess,
+    test_toyworld its refusals (toyworld.py is not a stage)."""
+    code, _, err = run_in_process(*args)
+    assert code != 0 and "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
+
+
 def error_line(result):
     """The stage's own one-line error: the last line of stderr."""
     return result.stderr.strip().splitlines()[-1]

@@ -18,10 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common import LORA_FILE
-from conftest import ROOT, run_in_process
+from conftest import ROOT, refusal, run_in_process
 
-TINY_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "1", "--sampling_steps", "4", "--filter", "none"]
-TINY_TRAIN = ["--category", "Hate", "--train_batch_size", "2"]  # pair 0 is a Hate pair
+ONE_PAIR_GEN = ["--concepts_per_category", "1", "--pairs_per_concept", "1", "--sampling_steps", "4", "--filter", "none"]
+HATE_TRAIN = ["--category", "Hate", "--train_batch_size", "2"]  # pair 0 is a Hate pair
 OTHERS = ["--leave_out", "Harassment", "Self-harm", "Sexual", "Shocking", "Illegal Activity"]
 ANCHORS = "a blue circle on a gray background\na green square on a navy background\n"
 
@@ -44,7 +44,7 @@ def tiny(tmp_path_factory, toy_model):
     """One stage-1 output (7 pairs, 2 anchors) and two experts (2 steps each), built once."""
     root = tmp_path_factory.mktemp("bad_inputs")
     (root / "anchors.txt").write_text(ANCHORS)
-    code, _, err = run_in_process("01_generate_data.py", "--model", toy_model, "--output_dir", root / "data", *TINY_GEN,
+    code, _, err = run_in_process("01_generate_data.py", "--model", toy_model, "--output_dir", root / "data", *ONE_PAIR_GEN,
                        "--anchor_prompts", root / "anchors.txt")
     assert code == 0, err[-2000:]
     for name, category in (("expert", "Hate"), ("other", "Violence")):
@@ -63,7 +63,7 @@ class Case:
         for name in ("data", "expert", "other"):
             shutil.copytree(tiny / name, tmp / name)
         (tmp / "anchors.txt").write_text(ANCHORS)
-        self.gen = [*TINY_GEN, "--anchor_prompts", tmp / "anchors.txt"]
+        self.gen = [*ONE_PAIR_GEN, "--anchor_prompts", tmp / "anchors.txt"]
         self.fresh = ["--output_dir", tmp / "fresh"]  # no checkpoint to resume
 
     def write(self, path, content):
@@ -99,7 +99,7 @@ class Case:
 
     def train(self, *args, steps=2):
         return ("02_train_expert.py", "--model", self.model, "--data", self.data, "--output_dir", self.expert,
-                *TINY_TRAIN, "--max_train_steps", steps, *args)
+                *HATE_TRAIN, "--max_train_steps", steps, *args)
 
     def merge(self, *args):
         return ("03_merge.py", self.expert, self.other, *OTHERS, "--prompts_per_expert", "2", "--sampling_steps", "2",
@@ -165,7 +165,7 @@ CASES = [
     ("gen-output-symlink-loop", lambda c: (os.symlink(c.tmp / "loop", c.tmp / "loop"), c.gen1("--output_dir", c.tmp / "loop"))[1],
      "error: "),
     ("gen-rerun-without-its-anchor-file", lambda c: ("01_generate_data.py", "--model", c.model, "--output_dir", c.data,
-                                                     *TINY_GEN), "anchor_prompts changed (not given now)"),
+                                                     *ONE_PAIR_GEN), "anchor_prompts changed (not given now)"),
     ("merge-undistilled-over-distilled", lambda c: (c.write("merged/checkpoint.pt", b"x"), c.merge())[1],
      "holds a distilled merge"),
     ("train-another-seed-same-folder", lambda c: c.train("--seed", "1"), "seed 0 -> 1"),
@@ -244,11 +244,9 @@ def test_bad_input_ends_with_one_error_line(tiny, toy_model, tmp_path, build, ex
     case = Case(tiny, tmp_path, toy_model)
     command = [a for a in build(case) if a is not None]
     before = snapshot(tmp_path)
-    code, _, err = run_in_process(*command)
-    lines = err.strip().splitlines()
-    assert code != 0 and "Traceback" not in err, err[-3000:]
-    assert lines[-1].startswith("error:") or ": error: " in lines[-1], lines[-1]  # argparse: "prog: error: ..."
-    assert expected in lines[-1], lines[-1]
+    line = refusal(*command)
+    assert line.startswith("error:") or ": error: " in line, line  # argparse: "prog: error: ..."
+    assert expected in line, line
     after = snapshot(tmp_path)
     assert {k: after.get(k) for k in before} == before, "a file written before was changed or lost"
 

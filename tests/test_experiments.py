@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import llm_prompts  # noqa: E402
 import merges  # noqa: E402
 
-TINY_TRAIN = ["--max_train_steps", "3", "--train_batch_size", "4", "--sft_weight", "0", "--anchor_weight", "0"]  # DPO
+DPO_TRAIN = ["--max_train_steps", "3", "--train_batch_size", "4", "--sft_weight", "0", "--anchor_weight", "0"]  # DPO
 
 
 def plain_pipeline(toy_model):
@@ -27,7 +27,7 @@ def plain_pipeline(toy_model):
 def test_cross_attention_experiment_trains_an_expert_on_attn2_only(work, toy_model):
     out = work / "xattn"
     run_stage("experiments/cross_attention_lora.py", "--model", toy_model, "--data", str(work / "data"), "--category",
-              "Violence", "--output_dir", str(out), *TINY_TRAIN)
+              "Violence", "--output_dir", str(out), *DPO_TRAIN)
     _, layers = read_lora(str(out))
     assert layers and all(".attn2." in k for k in layers)
     assert any(".attn1." in k for k in read_lora(str(work / "Violence"))[1])  # the stage alone: every attention layer

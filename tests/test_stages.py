@@ -9,19 +9,11 @@ import torch
 from PIL import Image
 
 from common import LORA_FILE, read_lora, read_pairs
-from conftest import TINY_GEN, TINY_TRAIN, load_stage, run_in_process, run_stage
+from conftest import TINY_GEN, TINY_TRAIN, load_stage, refusal, run_in_process, run_stage
 
 CATEGORIES_BUT_TWO = ["Harassment", "Self-harm", "Sexual", "Shocking", "Illegal Activity"]  # the work fixture trains two
 TINY_MERGE = ["--prompts_per_expert", "2", "--sampling_steps", "3", "--leave_out", *CATEGORIES_BUT_TWO]
 TINY_EVAL = ["--concepts_per_category", "1", "--seeds_per_prompt", "1", "--sampling_steps", "5"]
-
-
-def refusal(*args):
-    """The one error line of a stage run that must be refused. Run in this process (its main(), as
-    `python 0N_*.py ...` would), which saves importing torch again; test_bad_inputs runs one as a subprocess."""
-    code, _, err = run_in_process(*args)
-    assert code != 0 and "Traceback" not in err, err[-3000:]
-    return err.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
