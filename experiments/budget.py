@@ -17,7 +17,10 @@ BUDGET = {"stage": 250, "shell": 100, "common.py": 250, "core": 1250, "all": 220
 
 def options(script):
     """The options `--help` lists (positional arguments included, -h excluded)."""
-    text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    run = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+    if run.returncode:  # a stage that cannot start (no torch here, say) lists no options: never count that as 0
+        raise SystemExit(f"error: {script} --help failed: {(run.stderr.strip().splitlines() or ['no output'])[-1]}")
+    text = run.stdout
     sections = re.split(r"\n(?=\S[^\n]*:\n)", text.split("\n\n", 1)[1] if "\n\n" in text else text)
     listed = [line.split()[0].rstrip(",") for s in sections if s.startswith(("options:", "positional arguments:"))
               for line in s.splitlines()[1:] if re.match(r"  \S", line)]
